@@ -1,0 +1,139 @@
+"""Orbax checkpoints: train state, grain iterator state and config, together.
+
+One `CheckpointManager` per workdir holds three items per step: `state` (step,
+params, EMA target, optimizer state, base RNG), `data` (the grain iterator
+state, so a resumed run continues the exact stream) and `config` (JSON, for
+humans and for `init_from` checks). Saves are atomic (orbax finalises a step
+only when every item is written), so a crash mid-save leaves the previous
+step as the latest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from echo_jax.optimizer import param_path
+
+ITEMS = ("state", "data", "config")
+
+
+def _handlers():
+  return {"state": ocp.StandardCheckpointHandler(),
+          "data": grain.checkpoint.CheckpointHandler(),
+          "config": ocp.JsonCheckpointHandler()}
+
+
+def make_manager(directory: str, *, save_every: int = 1, keep: int = 3,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """A manager for `<workdir>/checkpoints` (any path orbax supports)."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_every, max_to_keep=keep, create=not read_only,
+      read_only=read_only)
+  return ocp.CheckpointManager(directory, options=options,
+                               item_handlers=_handlers())
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Mapping,
+         data_iterator, config: Mapping, *, force: bool = False) -> bool:
+  """Saves if the interval (or `force`) says so; returns whether it saved."""
+  args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iterator),
+      config=ocp.args.JsonSave(dict(config)))
+  return manager.save(step, args=args, force=force)
+
+
+def check_same_tree(expected, found, *, what: str) -> None:
+  """Fails, naming the parameter, unless both trees have equal paths/shapes."""
+  def shapes(tree):
+    return {param_path(p): tuple(np.shape(x)) if not hasattr(x, "shape")
+            else tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, got = shapes(expected), shapes(found)
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+  problems = []
+  if missing:
+    problems.append(f"missing in checkpoint: {missing[:5]}")
+  if unexpected:
+    problems.append(f"not in the model: {unexpected[:5]}")
+  if wrong:
+    problems.append("shape mismatch: " + ", ".join(
+        f"{k} expected {want[k]} found {got[k]}" for k in wrong[:5]))
+  if problems:
+    raise ValueError(
+        f"{what}: the checkpoint does not fit the model config ("
+        + "; ".join(problems) + "). Use a checkpoint written with the same "
+        "model config, or change config.model to match it.")
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state,
+                   data_iterator) -> tuple[Mapping, int] | None:
+  """Restores state and iterator in place from the newest step, if any."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  saved = manager.item_metadata(step)["state"]
+  check_same_tree(abstract_state, saved, what=f"Resuming {manager.directory}")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  return restored["state"], step
+
+
+def restore_trees(directory: str, trees: Sequence[str], abstract_state: Mapping,
+                  ) -> dict:
+  """Reads the chosen top-level trees of another run's latest checkpoint.
+
+  `trees` name entries of the saved state such as 'params/encoder' or
+  'target'. Each is checked strictly (same parameter names and shapes) against
+  this run's freshly built state: a missing key fails, never initialises at
+  random.
+  """
+  manager = make_manager(directory, read_only=True)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f"init_from: no checkpoint in {directory}. Run the previous stage "
+        "first, or set --config.init_from.workdir=''.")
+  saved = manager.item_metadata(step)["state"]
+  selected = {}
+  for tree in trees:
+    want, got = _subtree(abstract_state, tree), _subtree(saved, tree)
+    if got is None:
+      raise KeyError(f"init_from: {directory} step {step} has no '{tree}' "
+                     f"tree; it has {sorted(saved)}.")
+    check_same_tree(want, got, what=f"init_from {directory} ('{tree}')")
+    selected[tree] = want
+  # Restore everything saved, each leaf with this run's sharding where we use
+  # it and replicated elsewhere, then keep the selected trees.
+  full = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+  for tree, want in selected.items():
+    _set_subtree(full, tree, want)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(full)))["state"]
+  logging.info("init_from: restored %s from %s (step %d).", list(trees),
+               directory, step)
+  return {tree: _subtree(restored, tree) for tree in trees}
+
+
+def _subtree(tree, path: str):
+  for key in path.split("/"):
+    if not isinstance(tree, Mapping) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def _set_subtree(tree, path: str, value) -> None:
+  *parents, last = path.split("/")
+  for key in parents:
+    tree = tree[key]
+  tree[last] = value

@@ -1,0 +1,67 @@
+"""Metrics to the console (with a progress bar when interactive), JSONL and
+TensorBoard event files. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+import jax
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Writes scalar metrics; `progress` shows a bar on a terminal only."""
+
+  def __init__(self, workdir: str, total_steps: int, *, initial_step: int = 0,
+               log_every: int = 10, progress: bool | None = None):
+    self.enabled = jax.process_index() == 0
+    self.log_every = log_every
+    self._bar = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if progress is None:
+      progress = sys.stderr.isatty()
+    if progress:
+      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
+                            dynamic_ncols=True, desc="train")
+
+  def write(self, step: int, metrics: Mapping[str, float], *,
+            console: bool | None = None) -> None:
+    """All to JSONL/TensorBoard; to the console every `log_every` steps."""
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars})
+                      + "\n")
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      if "train/loss" in scalars:
+        self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
+    if console or (console is None and step % self.log_every == 0):
+      line = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
+      message = f"step {step}: {line}"
+      if self._bar is not None:
+        self._bar.write(message)
+      else:
+        logging.info(message)
+
+  def close(self) -> None:
+    if self.enabled:
+      if self._bar is not None:
+        self._bar.close()
+      self._jsonl.close()
+      self._tb.close()

@@ -1,0 +1,122 @@
+"""The one trainer on the smoke config: learning, sharding, resume, init_from
+and NaN handling. Uses the tiny embedded corpus (built once, cached)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from echo_jax import checkpointing, losses, sharding, trainer
+from experiments import stage1_jepa
+
+
+def smoke_config(**overrides):
+  config = stage1_jepa.get_config("smoke")
+  config.unlock()
+  config.evals = {}
+  config.progress = False
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  config.lock()
+  return config
+
+
+def read_losses(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def one_device_mesh():
+  return sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+
+
+def test_loss_decreases(tmp_path):
+  config = smoke_config(total_steps=40, **{"optim.lr": 3e-3,
+                                           "checkpoint.every": 100})
+  trainer.train(config, str(tmp_path))
+  loss = read_losses(str(tmp_path))
+  first = np.mean([loss[s] for s in range(1, 6)])
+  last = np.mean([loss[s] for s in range(36, 41)])
+  assert last < 0.7 * first, (first, last)
+
+
+def test_sharded_equals_unsharded(tmp_path):
+  config = smoke_config(total_steps=3)
+  trainer.train(config, str(tmp_path / "one"), mesh=one_device_mesh())
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  assert mesh.devices.shape == (2, 4)
+  trainer.train(config, str(tmp_path / "eight"), mesh=mesh)
+  one, eight = read_losses(str(tmp_path / "one")), read_losses(
+      str(tmp_path / "eight"))
+  assert one.keys() == eight.keys() == {1, 2, 3}
+  np.testing.assert_allclose([one[s] for s in one], [eight[s] for s in one],
+                             rtol=2e-4)
+
+
+def test_resume_continues_exactly(tmp_path):
+  config = smoke_config(total_steps=6, **{"checkpoint.every": 3})
+  workdir = str(tmp_path)
+  trainer.train(config, workdir, mesh=one_device_mesh())
+  uninterrupted = read_losses(workdir)
+  # Simulate a crash after step 3: the step-6 checkpoint never happened.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  trainer.train(config, workdir, mesh=one_device_mesh())
+  resumed = read_losses(workdir)
+  assert sorted(resumed) == [4, 5, 6]
+  np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)],
+                             [uninterrupted[s] for s in (4, 5, 6)], rtol=1e-5)
+
+
+def test_init_from_mismatch_names_parameter(tmp_path):
+  first = str(tmp_path / "stage_a")
+  trainer.train(smoke_config(total_steps=1), first, mesh=one_device_mesh())
+  wider = smoke_config(total_steps=1, **{"init_from.workdir": first,
+                                         "model.encoder.mlp_dim": 96})
+  with pytest.raises(ValueError, match=r"encoder/blocks_0/.*expected.*96"):
+    trainer.train(wider, str(tmp_path / "stage_b"), mesh=one_device_mesh())
+
+
+def test_init_from_restores_trees(tmp_path):
+  first = str(tmp_path / "stage_a")
+  trainer.train(smoke_config(total_steps=2), first, mesh=one_device_mesh())
+  manager = checkpointing.make_manager(os.path.join(first, "checkpoints"),
+                                       read_only=True)
+  saved = manager.restore(2)["state"]
+  config = smoke_config(total_steps=2, **{"init_from.workdir": first,
+                                          "optim.lr": 0.0})
+  # With lr 0 the encoder stays what init_from loaded.
+  second = str(tmp_path / "stage_b")
+  trainer.train(config, second, mesh=one_device_mesh())
+  manager = checkpointing.make_manager(os.path.join(second, "checkpoints"),
+                                       read_only=True)
+  loaded = manager.restore(manager.latest_step())["state"]
+  jax.tree.map(np.testing.assert_array_equal, saved["params"]["encoder"],
+               loaded["params"]["encoder"])
+
+
+def test_nan_stops_run_and_keeps_checkpoint(tmp_path, monkeypatch):
+  real_loss = losses.stage_loss
+
+  def poisoned(model, objective, params, target, batch, rng, step):
+    loss, metrics = real_loss(model, objective, params, target, batch, rng,
+                              step)
+    return jnp.where(step >= 4, jnp.nan, loss), metrics
+
+  monkeypatch.setattr(losses, "stage_loss", poisoned)
+  config = smoke_config(total_steps=6, **{"checkpoint.every": 3})
+  with pytest.raises(trainer.NonFiniteLossError, match="step 5"):
+    trainer.train(config, str(tmp_path), mesh=one_device_mesh())
+  manager = checkpointing.make_manager(str(tmp_path / "checkpoints"),
+                                       read_only=True)
+  assert manager.latest_step() == 3
+  state = manager.restore(3)["state"]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
