@@ -1,0 +1,84 @@
+"""Log-mel features computed on the accelerator, inside the jitted step.
+
+Hosts only decode and mix waveforms; the step turns them into log-mel frames so
+that feature extraction scales with the accelerators and stays bit-identical
+across hosts. The mel filterbank comes from `librosa.filters.mel` (computed once
+with NumPy and baked in as a constant), so `log_mel` matches
+
+  librosa.feature.melspectrogram(y=w, sr=16000, n_fft=512, hop_length=160,
+      win_length=400, window='hann', center=True, pad_mode='reflect', power=2.0,
+      n_mels=80)
+
+followed by `log(mel + LOG_EPS)`, with the last frame dropped (see `log_mel`).
+Note librosa >= 0.10 defaults to `pad_mode='constant'`; we use reflect padding.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import librosa
+import numpy as np
+
+# Floor inside the log: -13.8 for silence; small enough not to clip speech
+# (typical mel power of normalised speech is 1e-4..1e2) and it keeps log finite.
+LOG_EPS = 1e-6
+
+
+@functools.lru_cache(maxsize=None)
+def mel_basis(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+  """Slaney-normalised mel filterbank `[n_mels, n_fft // 2 + 1]` (float32)."""
+  return librosa.filters.mel(
+      sr=sample_rate, n_fft=n_fft, n_mels=n_mels).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def stft_window(win_length: int, n_fft: int) -> np.ndarray:
+  """Periodic Hann window of `win_length` zero-padded (centred) to `n_fft`."""
+  window = librosa.filters.get_window("hann", win_length, fftbins=True)
+  return librosa.util.pad_center(window, size=n_fft).astype(np.float32)
+
+
+def log_mel(waveform: jax.Array,
+            *,
+            sample_rate: int = 16000,
+            n_fft: int = 512,
+            win_length: int = 400,
+            hop: int = 160,
+            n_mels: int = 80) -> jax.Array:
+  """Log-mel spectrogram `[batch, samples] -> [batch, samples // hop, n_mels]`.
+
+  STFT with a periodic Hann window (`win_length` samples, zero-padded to
+  `n_fft`), centred frames with reflect padding of `n_fft // 2`, power
+  spectrum, librosa's mel basis, `log(mel + LOG_EPS)`. A centred STFT yields
+  `samples // hop + 1` frames; the last one is dropped so that frame `t` starts
+  at sample `t * hop`, aligned with the data stream's activity frames. Always
+  computed in float32 (the FFT and the mel projection use full precision).
+  """
+  if waveform.ndim != 2:
+    raise ValueError(f"log_mel expects waveforms [batch, samples]; found shape "
+                     f"{waveform.shape}. Add a batch axis for one waveform.")
+  num_samples = waveform.shape[1]
+  pad = n_fft // 2
+  if num_samples <= pad:
+    raise ValueError(f"log_mel needs more than n_fft // 2 = {pad} samples for "
+                     f"reflect padding; found {num_samples}.")
+  num_frames = num_samples // hop
+  waveform = waveform.astype(jnp.float32)
+  padded = jnp.pad(waveform, ((0, 0), (pad, pad)), mode="reflect")
+  # Static gather indices [frames, n_fft]: frame t is padded[t*hop + 0..n_fft).
+  index = (np.arange(num_frames)[:, None] * hop + np.arange(n_fft)[None, :])
+  frames = padded[:, index] * stft_window(win_length, n_fft)
+  spectrum = jnp.fft.rfft(frames, n=n_fft, axis=-1)
+  power = jnp.real(spectrum)**2 + jnp.imag(spectrum)**2
+  mel = jnp.einsum("btf,mf->btm", power, mel_basis(sample_rate, n_fft, n_mels),
+                   precision=jax.lax.Precision.HIGHEST)
+  return jnp.log(mel + LOG_EPS)
+
+
+def normalize_log_mel(x: jax.Array, mean: float, std: float) -> jax.Array:
+  """Fixed affine `(x - mean) / std` from config, so encoder inputs are O(1)."""
+  if isinstance(std, (int, float)) and std <= 0:
+    raise ValueError(f"normalize_log_mel needs std > 0; found {std}. "
+                     "Set config's log-mel std to a positive constant.")
+  return (x - mean) / std

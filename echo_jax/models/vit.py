@@ -1,0 +1,221 @@
+"""Pre-LN ViT over full-band frame patches: the Echo encoder and JEPA predictor.
+
+Tokens are `patch_frames` consecutive log-mel frames x all mel bins, linearly
+embedded, plus a fixed 1-D sin-cos time position. Parameters are always float32
+(`param_dtype`); `dtype` is the compute dtype of the matmuls (bfloat16 on
+accelerators). The residual stream, LayerNorm statistics and attention softmax
+stay in float32 so bfloat16 compute does not drift the features.
+
+Parameter names are stable (they become export names):
+  Encoder:   patch_embed, norm,
+             blocks_{i}/{norm1,attn/{qkv,out},norm2,mlp/{fc1,fc2}}
+  Predictor: context_proj, mask_token, blocks_{i}/..., norm, out_proj
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# I-JEPA / MAE initialisation for linear layers.
+_dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def sincos_1d(num_positions: int, dim: int) -> np.ndarray:
+  """Fixed sin-cos position table `[num_positions, dim]` (float32, MAE style).
+
+  Row t is `[sin(t * w_0..w_{d/2-1}), cos(t * w_0..w_{d/2-1})]` with
+  `w_i = 10000 ** (-i / (dim / 2))`.
+  """
+  if dim % 2:
+    raise ValueError(f"sincos_1d needs an even dim; found {dim}.")
+  omega = 1.0 / 10000.0**(np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+  angles = np.arange(num_positions, dtype=np.float64)[:, None] * omega[None]
+  return np.concatenate([np.sin(angles), np.cos(angles)],
+                        axis=1).astype(np.float32)
+
+
+def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """Per-example gather `x[b, idx[b, j]]`.
+
+  `[batch, tokens, dim]`, `[batch, k]` -> `[batch, k, dim]`.
+  """
+  return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (no mask)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, tokens, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"width {width} must be divisible by num_heads "
+                       f"{self.num_heads}.")
+    head_dim = width // self.num_heads
+    qkv = nn.Dense(3 * width, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=_dense_init, name="qkv")(x)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # The XLA implementation takes logits and softmax in float32.
+    y = jax.nn.dot_product_attention(q, k, v,
+                                     implementation=self.attention_impl)
+    y = y.reshape(batch, tokens, width)
+    return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=_dense_init, name="out")(y)
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU MLP."""
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    h = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=_dense_init, name="fc1")(x)
+    h = nn.gelu(h)
+    return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=_dense_init, name="fc2")(h)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block; input/output residual stream is float32."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
+                     name="norm1")(x)
+    x = x + Attention(self.num_heads, self.dtype, self.attention_impl,
+                      name="attn")(h).astype(jnp.float32)
+    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
+                     name="norm2")(x)
+    return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(h).astype(jnp.float32)
+
+
+def _block_class(remat: bool) -> type[Block]:
+  return nn.remat(Block) if remat else Block
+
+
+class Encoder(nn.Module):
+  """ViT encoder over full-band frame patches.
+
+  Attributes:
+    width, depth, num_heads, mlp_dim: transformer sizes (canonical: 25.3M
+      params).
+    patch_frames: log-mel frames per token (2 = 20 ms tokens at a 10 ms hop).
+    n_mels: mel bins per frame.
+    dtype: compute dtype; params are float32 regardless.
+    remat: rematerialise each block in the backward pass (saves activations).
+    attention_impl: `jax.nn.dot_product_attention` implementation (None = auto).
+  """
+  width: int = 512
+  depth: int = 8
+  num_heads: int = 8
+  mlp_dim: int = 2048
+  patch_frames: int = 2
+  n_mels: int = 80
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  attention_impl: str | None = None
+
+  def num_tokens(self, num_frames: int) -> int:
+    """Tokens for `num_frames` mel frames (remainder frames are dropped)."""
+    return num_frames // self.patch_frames
+
+  @nn.compact
+  def __call__(self,
+               mel: jax.Array,
+               keep_idx: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Encodes `[batch, frames, n_mels]` log-mel.
+
+    Args:
+      mel: normalised log-mel `[batch, frames, n_mels]`.
+      keep_idx: optional `[batch, keep]` int32 token indices; only these tokens
+        enter the transformer (the JEPA context encoder). Positions are added
+        before the gather, so each kept token keeps its true time position.
+
+    Returns:
+      dict with `hidden`: `[depth, batch, tokens', width]` float32 output of
+      every block, and `final`: `[batch, tokens', width]` float32, the final
+      LayerNorm of the last block; `tokens'` is `keep` when `keep_idx` is given.
+    """
+    batch, frames, n_mels = mel.shape
+    if n_mels != self.n_mels:
+      raise ValueError(f"Encoder expects {self.n_mels} mel bins; found "
+                       f"{n_mels}.")
+    tokens = self.num_tokens(frames)
+    if tokens < 1:
+      raise ValueError(f"Encoder needs at least patch_frames="
+                       f"{self.patch_frames} frames; found {frames}.")
+    patches = mel[:, :tokens * self.patch_frames].reshape(
+        batch, tokens, self.patch_frames * n_mels)
+    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.xavier_uniform(),
+                 name="patch_embed")(patches)
+    x = x.astype(jnp.float32) + sincos_1d(tokens, self.width)
+    if keep_idx is not None:
+      x = gather_tokens(x, keep_idx)
+    hidden = []
+    block_cls = _block_class(self.remat)
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, self.mlp_dim, self.dtype,
+                    self.attention_impl, name=f"blocks_{i}")(x)
+      hidden.append(x)
+    final = nn.LayerNorm(epsilon=1e-6, param_dtype=jnp.float32, name="norm")(x)
+    return {"hidden": jnp.stack(hidden), "final": final.astype(jnp.float32)}
+
+
+class Predictor(nn.Module):
+  """Narrow ViT that predicts target latents at masked token positions."""
+  width: int = 256
+  depth: int = 4
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  out_dim: int = 512
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, context: jax.Array, context_idx: jax.Array,
+               target_idx: jax.Array, num_tokens: int) -> jax.Array:
+    """Predicts `[batch, targets, out_dim]` float32.
+
+    Args:
+      context: context-encoder output `[batch, ctx, encoder_width]`.
+      context_idx: `[batch, ctx]` token positions of `context`.
+      target_idx: `[batch, targets]` token positions to predict.
+      num_tokens: total tokens of the sequence (static; sizes the position
+        table).
+    """
+    positions = sincos_1d(num_tokens, self.width)
+    ctx = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=_dense_init, name="context_proj")(context)
+    ctx = ctx.astype(jnp.float32) + jnp.take(positions, context_idx, axis=0)
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02),
+                            (self.width,), jnp.float32)
+    tgt = mask_token + jnp.take(positions, target_idx, axis=0)
+    x = jnp.concatenate([ctx, tgt], axis=1)
+    block_cls = _block_class(self.remat)
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, self.mlp_dim, self.dtype,
+                    self.attention_impl, name=f"blocks_{i}")(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
+                     name="norm")(x)
+    x = x[:, context.shape[1]:]
+    out = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                   kernel_init=_dense_init, name="out_proj")(x)
+    return out.astype(jnp.float32)
