@@ -11,6 +11,7 @@ step as the latest.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 
 import grain
@@ -29,9 +30,15 @@ def _handlers():
           "config": ocp.JsonCheckpointHandler()}
 
 
+def absolute(path: str) -> str:
+  """Local paths made absolute (orbax needs it); URLs such as gs:// kept."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def make_manager(directory: str, *, save_every: int = 1, keep: int = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A manager for `<workdir>/checkpoints` (any path orbax supports)."""
+  directory = absolute(directory)
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_every, max_to_keep=keep, create=not read_only,
       read_only=read_only)
@@ -49,10 +56,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Mapping,
   return manager.save(step, args=args, force=force)
 
 
-def check_same_tree(expected, found, *, what: str) -> None:
+def check_same_tree(expected, found, *, what: str, prefix: str = "") -> None:
   """Fails, naming the parameter, unless both trees have equal paths/shapes."""
   def shapes(tree):
-    return {param_path(p): tuple(np.shape(x)) if not hasattr(x, "shape")
+    return {prefix + param_path(p): tuple(np.shape(x)) if not hasattr(x, "shape")
             else tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
   want, got = shapes(expected), shapes(found)
@@ -80,7 +87,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
   step = manager.latest_step()
   if step is None:
     return None
-  saved = manager.item_metadata(step)["state"]
+  saved = _saved_tree(manager, step)
   check_same_tree(abstract_state, saved, what=f"Resuming {manager.directory}")
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
@@ -103,14 +110,15 @@ def restore_trees(directory: str, trees: Sequence[str], abstract_state: Mapping,
     raise FileNotFoundError(
         f"init_from: no checkpoint in {directory}. Run the previous stage "
         "first, or set --config.init_from.workdir=''.")
-  saved = manager.item_metadata(step)["state"]
+  saved = _saved_tree(manager, step)
   selected = {}
   for tree in trees:
     want, got = _subtree(abstract_state, tree), _subtree(saved, tree)
     if got is None:
       raise KeyError(f"init_from: {directory} step {step} has no '{tree}' "
                      f"tree; it has {sorted(saved)}.")
-    check_same_tree(want, got, what=f"init_from {directory} ('{tree}')")
+    check_same_tree(want, got, what=f"init_from {directory}",
+                    prefix=f"{tree}/")
     selected[tree] = want
   # Restore everything saved, each leaf with this run's sharding where we use
   # it and replicated elsewhere, then keep the selected trees.
@@ -122,6 +130,12 @@ def restore_trees(directory: str, trees: Sequence[str], abstract_state: Mapping,
   logging.info("init_from: restored %s from %s (step %d).", list(trees),
                directory, step)
   return {tree: _subtree(restored, tree) for tree in trees}
+
+
+def _saved_tree(manager: ocp.CheckpointManager, step: int):
+  """The saved state's metadata (shapes, dtypes) as a plain nested dict."""
+  metadata = manager.item_metadata(step)["state"]
+  return getattr(metadata, "tree", metadata)
 
 
 def _subtree(tree, path: str):
@@ -137,3 +151,16 @@ def _set_subtree(tree, path: str, value) -> None:
   for key in parents:
     tree = tree[key]
   tree[last] = value
+
+
+def load_state(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
+  """(raw state dict, config dict, step) of a run's checkpoint, for probes,
+  export and diarization. Arrays come back unsharded on the default device."""
+  manager = make_manager(os.path.join(workdir, "checkpoints"), read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train "
+                            "the stage first.")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  return dict(restored["state"]), dict(restored["config"]), step

@@ -19,7 +19,12 @@ FROZEN = "frozen"
 
 def param_path(path) -> str:
   """'encoder/blocks_0/attn/kernel' from a jax tree path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  def name(k):
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey.
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return "/".join(name(k) for k in path)
 
 
 def lr_schedule(config) -> optax.Schedule:

@@ -94,8 +94,8 @@ def make_train_step(model: EchoModel, config):
     momentum = jepa.ema_momentum(step, total_steps, start=config.ema.start,
                                  end=config.ema.end)
     target = jepa.ema_update(state["target"], params["encoder"], momentum)
-    grad_norm = optax.global_norm(grads)
-    param_norm = optax.global_norm(params)
+    grad_norm = optax.tree.norm(grads)
+    param_norm = optax.tree.norm(params)
     new_state = {"step": step + 1, "params": params, "target": target,
                  "opt_state": opt_state, "rng": state["rng"]}
     # A non-finite step changes nothing, so the state never holds NaNs; the

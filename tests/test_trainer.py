@@ -88,17 +88,15 @@ def test_init_from_mismatch_names_parameter(tmp_path):
 def test_init_from_restores_trees(tmp_path):
   first = str(tmp_path / "stage_a")
   trainer.train(smoke_config(total_steps=2), first, mesh=one_device_mesh())
-  manager = checkpointing.make_manager(os.path.join(first, "checkpoints"),
-                                       read_only=True)
-  saved = manager.restore(2)["state"]
+  saved, _, step = checkpointing.load_state(first)
+  assert step == 2
   config = smoke_config(total_steps=2, **{"init_from.workdir": first,
                                           "optim.lr": 0.0})
   # With lr 0 the encoder stays what init_from loaded.
   second = str(tmp_path / "stage_b")
   trainer.train(config, second, mesh=one_device_mesh())
-  manager = checkpointing.make_manager(os.path.join(second, "checkpoints"),
-                                       read_only=True)
-  loaded = manager.restore(manager.latest_step())["state"]
+  loaded, config_dict, _ = checkpointing.load_state(second)
+  assert config_dict["init_from"]["workdir"] == first
   jax.tree.map(np.testing.assert_array_equal, saved["params"]["encoder"],
                loaded["params"]["encoder"])
 
@@ -115,8 +113,6 @@ def test_nan_stops_run_and_keeps_checkpoint(tmp_path, monkeypatch):
   config = smoke_config(total_steps=6, **{"checkpoint.every": 3})
   with pytest.raises(trainer.NonFiniteLossError, match="step 5"):
     trainer.train(config, str(tmp_path), mesh=one_device_mesh())
-  manager = checkpointing.make_manager(str(tmp_path / "checkpoints"),
-                                       read_only=True)
-  assert manager.latest_step() == 3
-  state = manager.restore(3)["state"]
+  state, _, step = checkpointing.load_state(str(tmp_path))
+  assert step == 3
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
