@@ -40,13 +40,16 @@ class SpeakerEvaluator:
                        f"{manifest_path}, found {len(per_speaker)}.")
     speakers = sorted(per_speaker)
     self.labels = np.array([speakers.index(u.speaker) for u in utts])
+    self._pooled_layers = embed.jit_with_model(embed.pooled_layers, model)
+    self._speaker_embeddings = embed.jit_with_model(embed.speaker_embeddings,
+                                                    model)
     num_samples = int(config.seconds * manifest_lib.SAMPLE_RATE)
     self.waves, self.lengths = embed.load_clips(manifest_path, utts,
                                                 num_samples)
     self.random_floor = None
     if config.random_floor:
       random_params = model.init(jax.random.PRNGKey(seed + 1), num_samples)
-      self.random_floor = self._layer_metrics(model, random_params["encoder"],
+      self.random_floor = self._layer_metrics(random_params["encoder"],
                                               "random")
     logging.info("%s: %d held-out utterances of %d speakers.", name,
                  len(utts), len(speakers))
@@ -56,11 +59,10 @@ class SpeakerEvaluator:
     return {f"{self.name}/{prefix}_top1": r["top1"],
             f"{self.name}/{prefix}_eer": r["eer"]}
 
-  def _layer_metrics(self, model: EchoModel, encoder_params, prefix: str
-                     ) -> dict:
-    fn = embed.jit_with_model(embed.pooled_layers, model, encoder_params)
-    layers = embed.batched(fn, self.waves, self.lengths, self.batch_size,
-                           axis=1)
+  def _layer_metrics(self, encoder_params, prefix: str) -> dict:
+    layers = embed.batched(
+        lambda w, n: self._pooled_layers(encoder_params, w, n), self.waves,
+        self.lengths, self.batch_size, axis=1)
     results = {}
     for layer, emb in enumerate(layers):
       results.update(self._report(emb, f"{prefix}_L{layer}"))
@@ -71,11 +73,11 @@ class SpeakerEvaluator:
     return results
 
   def run(self, model: EchoModel, state: dict) -> dict:
-    results = self._layer_metrics(model, state["target"], "target")
+    results = self._layer_metrics(state["target"], "target")
     if "speaker" in state["params"]["heads"]:
-      fn = embed.jit_with_model(embed.speaker_embeddings, model,
-                                state["params"])
-      emb = embed.batched(fn, self.waves, self.lengths, self.batch_size)
+      emb = embed.batched(
+          lambda w, n: self._speaker_embeddings(state["params"], w, n),
+          self.waves, self.lengths, self.batch_size)
       results.update(self._report(emb, "projection"))
     if self.random_floor:
       results.update(self.random_floor)

@@ -1,0 +1,379 @@
+"""The Echo model as the diarization front-end: a stage-2 checkpoint gives the
+window speaker embeddings and the speech activity that `pipeline.diarize`
+consumes, and the PLDA back-end is fitted on its train-speaker embeddings.
+
+Which params: the *online* params (`state["params"]`), not the EMA target.
+The heads (RWSE, speaker projection, activity) were trained on top of the
+online encoder, and the EMA target holds only an encoder, so online encoder +
+heads is the one consistent set.
+
+Both model calls are jitted once per shape with the params as an argument (a
+new step's params reuse the compiled code): windows go through in batches of
+`cfg.batch_windows` (last one zero-padded) and speech activity runs on
+fixed-length chunks of the training clip length, `chunk_batch` at a time, so
+memory is bounded and one compilation serves every recording length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from data_pipelines import manifest as manifest_lib
+from data_pipelines import storage
+from echo_jax import checkpointing
+from echo_jax.diarization import pipeline
+from echo_jax.diarization import plda as plda_lib
+from echo_jax.diarization import rttm
+from echo_jax.model import HOP, EchoModel, build_model
+
+_log = logging.getLogger(__name__)
+
+# Heads a diarization checkpoint needs (stage 2 or later).
+REQUIRED_HEADS = ("rwse", "speaker", "activity")
+PLDA_FILE = "plda.npz"
+# Bumped when the PLDA fitting recipe changes, so stale files are refitted.
+_PLDA_RECIPE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCheckpoint:
+  """What `load_stage_checkpoint` read: model, online params, config, step."""
+  model: EchoModel
+  params: dict
+  config: ml_collections.ConfigDict
+  step: int
+  workdir: str
+
+
+def _latest_step(manager: ocp.CheckpointManager, workdir: str) -> int:
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {workdir}/checkpoints. Train stage 2 there first "
+        "(python -m echo_jax.main --config=experiments/stage2_speaker.py:cpu"
+        f" --workdir={workdir}).")
+  return step
+
+
+def load_stage_checkpoint(workdir: str) -> StageCheckpoint:
+  """Model rebuilt from the saved config + the latest step's online params."""
+  directory = os.path.join(workdir, "checkpoints")
+  manager = checkpointing.make_manager(directory, read_only=True)
+  try:
+    step = _latest_step(manager, workdir)
+    config_dict = manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    config = ml_collections.ConfigDict(config_dict)
+    heads = tuple(config.model.heads)
+    missing = [h for h in REQUIRED_HEADS if h not in heads]
+    if missing:
+      raise ValueError(
+          f"{workdir} (step {step}, stage {config.get('stage', '?')!r}) has no"
+          f" {missing} head(s); its heads are {list(heads)}. Diarization needs"
+          f" {list(REQUIRED_HEADS)}: use a stage-2 (speaker) or later workdir.")
+    saved = manager.item_metadata(step)["state"]
+    num_classes = 0
+    if "arcface" in heads:
+      num_classes = int(
+          saved["params"]["heads"]["arcface"]["class_weights"].shape[0])
+    model = build_model(config, num_classes)
+    # Restore on one device whatever mesh wrote it; only params are kept.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        saved)
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  finally:
+    manager.close()
+  num_samples = clip_samples(config)
+  expected = jax.eval_shape(
+      functools.partial(model.init, num_samples=num_samples),
+      jax.random.PRNGKey(0))
+  checkpointing.check_same_tree(expected, state["params"],
+                                what=f"Loading {workdir} step {step}")
+  return StageCheckpoint(model, state["params"], config, int(step), workdir)
+
+
+def load_stage_model(workdir: str) -> tuple[EchoModel, dict]:
+  """(EchoModel, online params) of the latest checkpoint in `workdir`."""
+  ckpt = load_stage_checkpoint(workdir)
+  return ckpt.model, ckpt.params
+
+
+def clip_samples(config) -> int:
+  """Training clip length in samples (the model's native input length)."""
+  return int(round(config.data.clip_seconds * manifest_lib.SAMPLE_RATE))
+
+
+def _window_embeddings(model: EchoModel, params: dict, waves: jax.Array
+                       ) -> jax.Array:
+  """[B, S] -> [B, D] speaker embeddings, pooled over the whole window."""
+  feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
+  return model.speaker_embedding(params, feats)
+
+
+def _token_speech_probs(model: EchoModel, params: dict, waves: jax.Array
+                        ) -> jax.Array:
+  """[B, S] -> [B, T] per-token speech probabilities."""
+  feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
+  return jax.nn.sigmoid(model.activity_logits(params, feats).astype(jnp.float32))
+
+
+def _run_batched(fn, params: dict, rows: np.ndarray, batch: int) -> np.ndarray:
+  """`fn(params, [batch, S])` over rows [R, S], last batch zero-padded."""
+  out = []
+  for i in range(0, len(rows), batch):
+    chunk = rows[i:i + batch]
+    padded = np.pad(chunk, ((0, batch - len(chunk)), (0, 0)))
+    out.append(np.asarray(fn(params, padded))[:len(chunk)])
+  return np.concatenate(out)
+
+
+class EchoDiarizer:
+  """Blind diarization with a stage-2 Echo model (`pipeline.diarize` inside).
+
+  Args:
+    model, params: from `load_stage_model` (or a training state's params).
+    chunk_samples: speech-activity chunk length, normally the training clip
+      length (`clip_samples(config)`): positions stay inside what the model saw.
+    cfg: pipeline settings (`DiarizationConfig`).
+    plda: fitted back-end; `fit_plda` / `load_or_fit_plda` set it.
+    chunk_batch: activity chunks per model call.
+  """
+
+  def __init__(self, model: EchoModel, params: dict, *, chunk_samples: int,
+               cfg: pipeline.DiarizationConfig | None = None,
+               plda: plda_lib.PLDABackend | None = None,
+               chunk_batch: int = 8):
+    missing = [h for h in REQUIRED_HEADS if h not in params["heads"]]
+    if missing:
+      raise ValueError(f"params have no {missing} head(s) (found"
+                       f" {sorted(params['heads'])}); diarization needs a"
+                       " stage-2 or later model.")
+    patch = HOP * model.patch_frames
+    if chunk_samples < patch:
+      raise ValueError(f"chunk_samples={chunk_samples} is shorter than one"
+                       f" token ({patch} samples).")
+    self.model, self.params = model, params
+    self.cfg = cfg or pipeline.DiarizationConfig()
+    self.plda = plda
+    self.chunk_samples = int(chunk_samples)
+    self.chunk_batch = int(chunk_batch)
+    self._embed = jax.jit(functools.partial(_window_embeddings, model))
+    self._speech = jax.jit(functools.partial(_token_speech_probs, model))
+    self.workdir: str | None = None
+    self.step: int | None = None
+    self.train_manifest: str | None = None
+
+  @classmethod
+  def from_workdir(cls, workdir: str,
+                   cfg: pipeline.DiarizationConfig | None = None
+                   ) -> "EchoDiarizer":
+    """Diarizer of the latest checkpoint in `workdir` (PLDA not yet fitted)."""
+    ckpt = load_stage_checkpoint(workdir)
+    diarizer = cls(ckpt.model, ckpt.params,
+                   chunk_samples=clip_samples(ckpt.config), cfg=cfg)
+    diarizer.workdir, diarizer.step = workdir, ckpt.step
+    from echo_jax import trainer  # Heavy import, only to find the corpus.
+    try:
+      diarizer.train_manifest = trainer.resolve_manifest(ckpt.config.data)
+    except FileNotFoundError as e:
+      _log.warning("Training manifest of %s not found (%s); pass a manifest"
+                      " to fit_plda.", workdir, e)
+    return diarizer
+
+  @property
+  def window_samples(self) -> int:
+    return int(round(self.cfg.window_seconds / pipeline.FRAME_SECONDS)
+               ) * pipeline._SAMPLES_PER_FRAME
+
+  def embed_windows(self, windows: np.ndarray) -> np.ndarray:
+    """[W, S] float32 16 kHz windows -> [W, D] speaker embeddings."""
+    windows = np.asarray(windows, np.float32)
+    if windows.ndim != 2:
+      raise ValueError(f"windows must be [W, samples]; found {windows.shape}.")
+    if windows.shape[1] < HOP * self.model.patch_frames:
+      raise ValueError(f"windows of {windows.shape[1]} samples are shorter"
+                       f" than one token ({HOP * self.model.patch_frames}).")
+    if len(windows) == 0:
+      return np.zeros((0, self.model.speaker.embed_dim), np.float32)
+    return _run_batched(self._embed, self.params, windows,
+                        self.cfg.batch_windows)
+
+  def speech_activity(self, waveform: np.ndarray) -> np.ndarray:
+    """[N] float32 16 kHz -> [N // 160] speech probabilities at 10 ms.
+
+    Chunks of `chunk_samples` with 50% overlap (the last one zero-padded);
+    overlapping chunk outputs are averaged, so no frame sits only at a chunk
+    edge where the model has one-sided context. Token probabilities are
+    repeated over their `patch_frames` frames; frames after a chunk's last
+    whole token take that token's value.
+    """
+    waveform = np.asarray(waveform, np.float32)
+    if waveform.ndim != 1:
+      raise ValueError(f"waveform must be [N] mono; found {waveform.shape}.")
+    num_frames = len(waveform) // HOP
+    if num_frames == 0:
+      return np.zeros(0, np.float32)
+    chunk = self.chunk_samples
+    hop = max(HOP, (chunk // 2) // HOP * HOP)  # Frame-aligned chunk shifts.
+    last = max(len(waveform) - chunk, 0)
+    starts = np.arange(0, last + 1, hop)
+    if starts[-1] < last:  # One more chunk reaches past the end.
+      starts = np.append(starts, starts[-1] + hop)
+    padded = np.pad(waveform, (0, max(0, starts[-1] + chunk - len(waveform))))
+    rows = np.stack([padded[s:s + chunk] for s in starts])
+    tokens = _run_batched(self._speech, self.params, rows, self.chunk_batch)
+    chunk_frames = chunk // HOP
+    frame_probs = np.repeat(tokens, self.model.patch_frames, axis=1)
+    frame_probs = np.pad(
+        frame_probs, ((0, 0), (0, chunk_frames - frame_probs.shape[1])),
+        mode="edge")
+    total = np.zeros(len(padded) // HOP)
+    count = np.zeros(len(padded) // HOP)
+    for s, p in zip(starts // HOP, frame_probs):
+      total[s:s + chunk_frames] += p
+      count[s:s + chunk_frames] += 1
+    return (total[:num_frames] / count[:num_frames]).astype(np.float32)
+
+  def fit_plda(self, manifest_path: str | None = None, *,
+               split: str = manifest_lib.TRAIN, windows_per_utterance: int = 3,
+               max_utterances_per_speaker: int | None = None, seed: int = 0,
+               save: bool = True) -> plda_lib.PLDABackend:
+    """Fits the PLDA on `window_seconds` windows cut from `split` utterances.
+
+    Windows start at seeded random offsets (an utterance shorter than a
+    window gives one zero-padded window). With `save` and a workdir, writes
+    `<workdir>/plda.npz` with a record of how it was fitted.
+    """
+    manifest_path = manifest_path or self.train_manifest
+    if not manifest_path:
+      raise ValueError("fit_plda needs a manifest of train speakers; pass"
+                       " manifest_path.")
+    windows, labels = plda_windows(
+        manifest_path, self.window_samples, split=split,
+        windows_per_utterance=windows_per_utterance,
+        max_utterances_per_speaker=max_utterances_per_speaker, seed=seed)
+    embeddings = self.embed_windows(windows)
+    self.plda = pipeline.fit_plda(embeddings, labels, self.cfg)
+    _log.info("PLDA fitted on %d windows of %d speakers (dim %d).",
+                 len(labels), len(set(labels)), self.plda.dim)
+    if save and self.workdir:
+      record = self._plda_record(manifest_path, split, windows_per_utterance,
+                                 max_utterances_per_speaker, seed)
+      path = epath.Path(self.workdir) / PLDA_FILE
+      tmp = path.parent / f"{PLDA_FILE}.tmp"
+      with tmp.open("wb") as f:
+        np.savez(f, record=np.array(json.dumps(record, sort_keys=True)),
+                 **self.plda.to_dict())
+      tmp.replace(path)  # Atomic overwrite of a stale file.
+    return self.plda
+
+  def load_or_fit_plda(self, manifest_path: str | None = None,
+                       **fit_kwargs) -> plda_lib.PLDABackend:
+    """`<workdir>/plda.npz` when it was fitted the same way, else `fit_plda`."""
+    manifest_path = manifest_path or self.train_manifest
+    if self.workdir:
+      path = epath.Path(self.workdir) / PLDA_FILE
+      if path.exists():
+        want = self._plda_record(
+            manifest_path, fit_kwargs.get("split", manifest_lib.TRAIN),
+            fit_kwargs.get("windows_per_utterance", 3),
+            fit_kwargs.get("max_utterances_per_speaker"),
+            fit_kwargs.get("seed", 0))
+        with path.open("rb") as f, np.load(f) as data:
+          found = (json.loads(str(data["record"])) if "record" in data.files
+                   else None)
+          if found == json.loads(json.dumps(want, sort_keys=True)):
+            self.plda = plda_lib.PLDABackend.from_dict(
+                {k: data[k] for k in data.files if k != "record"})
+            _log.info("Loaded PLDA from %s.", path)
+            return self.plda
+        _log.info("%s was fitted differently (found %s, want %s);"
+                     " refitting.", path, found, want)
+    return self.fit_plda(manifest_path, **fit_kwargs)
+
+  def _plda_record(self, manifest_path, split, windows_per_utterance,
+                   max_utterances_per_speaker, seed) -> dict:
+    return dict(version=_PLDA_RECIPE_VERSION, step=self.step,
+                manifest=os.path.abspath(manifest_path) if manifest_path
+                else None, split=split,
+                window_samples=self.window_samples, lda_dim=self.cfg.lda_dim,
+                windows_per_utterance=windows_per_utterance,
+                max_utterances_per_speaker=max_utterances_per_speaker,
+                seed=seed)
+
+  def diarize_waveform(self, waveform: np.ndarray, file_id: str = "file", *,
+                       speech_activity=None,
+                       cfg: pipeline.DiarizationConfig | None = None
+                       ) -> list[rttm.Segment]:
+    """[N] 16 kHz -> segments; `speech_activity` overrides the model's
+    ([N] -> [N // 160] probabilities), e.g. with oracle activity."""
+    if self.plda is None:
+      raise RuntimeError("No PLDA back-end: call fit_plda() or"
+                         " load_or_fit_plda() first.")
+    return pipeline.diarize(
+        waveform, embed_windows=self.embed_windows,
+        speech_activity=speech_activity or self.speech_activity,
+        plda=self.plda, cfg=cfg or self.cfg, file_id=file_id)
+
+  def diarize_file(self, path: str, file_id: str | None = None
+                   ) -> list[rttm.Segment]:
+    """Any wav/flac (any rate, channels) -> RTTM segments (file id: the file
+    name without extension, spaces replaced by '_')."""
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"Audio file {path} does not exist.")
+    return self.diarize_waveform(pipeline.load_audio(path),
+                                 file_id or file_id_of(path))
+
+
+def file_id_of(path: str) -> str:
+  """RTTM file id of an audio path: base name without extension, no spaces."""
+  return os.path.splitext(os.path.basename(path))[0].replace(" ", "_")
+
+
+def plda_windows(manifest_path: str, window_samples: int, *,
+                 split: str = manifest_lib.TRAIN,
+                 windows_per_utterance: int = 3,
+                 max_utterances_per_speaker: int | None = None, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Windows [M, window_samples] and speaker labels [M] from `split`."""
+  utts = [u for u in manifest_lib.read_manifest(manifest_path)
+          if u.split == split]
+  per_speaker: dict[str, list[manifest_lib.Utterance]] = {}
+  for u in utts:
+    per_speaker.setdefault(u.speaker, []).append(u)
+  if len(per_speaker) < 2:
+    raise ValueError(f"PLDA needs >= 2 speakers of split {split!r} in"
+                     f" {manifest_path}; found {len(per_speaker)}.")
+  chosen: Sequence[manifest_lib.Utterance] = [
+      u for spk in sorted(per_speaker)
+      for u in per_speaker[spk][:max_utterances_per_speaker]]
+  store = storage.AudioStore(manifest_path)
+  rng = np.random.default_rng(seed)
+  windows, labels = [], []
+  for u in chosen:
+    if u.num_samples <= window_samples:
+      w = np.zeros(window_samples, np.float32)
+      w[:u.num_samples] = store.read(u, 0, u.num_samples)
+      windows.append(w)
+      labels.append(u.speaker)
+      continue
+    for start in rng.integers(0, u.num_samples - window_samples + 1,
+                              size=windows_per_utterance):
+      windows.append(store.read(u, int(start), window_samples))
+      labels.append(u.speaker)
+  return np.stack(windows).astype(np.float32), np.array(labels)

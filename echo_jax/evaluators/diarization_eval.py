@@ -1,0 +1,226 @@
+"""Blind diarization DER on held-out-speaker mixtures with unknown K.
+
+Mixtures come from `data_pipelines.mixtures.make_example` (split HELDOUT,
+p_mixture 1, K drawn in [k_min, k_max]); the reference RTTM is each placed
+source's 10 ms activity. The pipeline runs twice per mixture:
+  blind            model speech activity, VBx speaker count (the headline);
+  oracle_activity  the reference any-speaker activity as speech activity
+                   (no smoothing), so missed / false alarm left are only the
+                   overlap a one-speaker-per-frame output cannot label, and
+                   what remains is clustering (confusion, count).
+DER by pyannote.metrics (`scoring.score`) over an explicit UEM (the whole
+clip) at collars 0 and 0.25 s each side; count accuracy from the number of
+hypothesis speakers vs K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from data_pipelines import manifest as manifest_lib
+from data_pipelines import mixtures
+from data_pipelines import storage
+from echo_jax.diarization import echo_backend
+from echo_jax.diarization import pipeline
+from echo_jax.diarization import rttm
+from echo_jax.diarization import scoring
+from echo_jax.model import EchoModel
+
+_log = logging.getLogger(__name__)
+
+VARIANTS = ("blind", "oracle_activity")
+
+
+def reference_segments(example: dict, file_id: str,
+                       speaker_names: tuple[str, ...]) -> list[rttm.Segment]:
+  """Mixture example -> reference segments (one speaker per present slot)."""
+  present = np.flatnonzero(example["speakers"] >= 0)
+  names = [speaker_names[int(example["speakers"][s])] for s in present]
+  return rttm.activity_to_segments(example["activity"][present] > 0.5,
+                                   pipeline.FRAME_SECONDS, file_id, names)
+
+
+def overlap_excess_seconds(activity: np.ndarray) -> float:
+  """Reference speech a one-speaker-per-frame output must miss: sum over
+  frames of (active speakers - 1)+, in seconds. activity: [K, F]."""
+  active = (np.asarray(activity) > 0.5).sum(0)
+  return float(np.maximum(active - 1, 0).sum() * pipeline.FRAME_SECONDS)
+
+
+def _summary(results: dict) -> dict:
+  """`scoring.score` output without the per-file table."""
+  return {k: v for k, v in results.items() if k != "per_file"}
+
+
+def evaluate_blind_der(diarizer: echo_backend.EchoDiarizer,
+                       manifest_path: str, *, num_mixtures: int,
+                       seconds: float, k_min: int = 1, k_max: int = 3,
+                       seed: int = 0, out_dir: str | None = None) -> dict:
+  """DER / count accuracy of `diarizer` (PLDA already fitted) on mixtures.
+
+  Args:
+    diarizer: an `EchoDiarizer` with `plda` set.
+    manifest_path: corpus whose HELDOUT speakers are mixed.
+    num_mixtures: mixtures to draw; mixture i is a pure function of (seed, i).
+    seconds: mixture length (long enough for several 1.5 s windows).
+    k_min, k_max: speaker count range (needs k_max held-out speakers).
+    out_dir: if set, writes reference.rttm, blind.rttm,
+      oracle_activity.rttm, all.uem and results.json there.
+  Returns:
+    {"blind": {collar_0.00: {der, missed_rate, ...}, collar_0.25: ...,
+    count: {accuracy, under, over, num_files}}, "oracle_activity": {...},
+    "num_mixtures", "seconds", "mean_speakers", "overlap_excess_rate" (share
+    of reference speech no one-speaker-per-frame output can get), "seconds_
+    per_mixture"}.
+  """
+  if diarizer.plda is None:
+    raise ValueError("diarizer has no PLDA back-end; call fit_plda() or"
+                     " load_or_fit_plda() first.")
+  cfg = mixtures.MixtureConfig(clip_seconds=seconds, k_min=k_min, k_max=k_max,
+                               p_mixture=1.0)
+  index = mixtures.MixtureIndex.from_manifest(manifest_path,
+                                              manifest_lib.HELDOUT)
+  store = storage.AudioStore(manifest_path)
+  # The oracle mask is used as is: smoothing would alter the reference.
+  oracle_cfg = dataclasses.replace(diarizer.cfg, median_filter_frames=1,
+                                   min_speech_seconds=0.0)
+  reference, uem = {}, {}
+  hypotheses = {v: {} for v in VARIANTS}
+  overlap, num_speakers = 0.0, []
+  tick = time.time()
+  for i in range(num_mixtures):
+    example = mixtures.make_example(store, index, cfg,
+                                    np.random.default_rng((seed, i)))
+    file_id = f"mix{i:05d}"
+    reference[file_id] = reference_segments(example, file_id, index.speakers)
+    uem[file_id] = [(0.0, cfg.num_samples / cfg.sample_rate)]
+    overlap += overlap_excess_seconds(example["activity"])
+    num_speakers.append(int(example["num_speakers"]))
+    oracle = example["activity"].max(axis=0).astype(np.float32)
+    hypotheses["blind"][file_id] = diarizer.diarize_waveform(
+        example["mixture"], file_id)
+    hypotheses["oracle_activity"][file_id] = diarizer.diarize_waveform(
+        example["mixture"], file_id, speech_activity=lambda _: oracle,
+        cfg=oracle_cfg)
+  elapsed = time.time() - tick
+
+  results: dict = {v: _summary(scoring.score(reference, hypotheses[v], uem))
+                   for v in VARIANTS}
+  total = results["blind"][scoring.collar_key(0.0)]["total"]
+  results.update(
+      num_mixtures=num_mixtures, seconds=seconds, k_min=k_min, k_max=k_max,
+      seed=seed, mean_speakers=float(np.mean(num_speakers)),
+      overlap_excess_seconds=overlap,
+      overlap_excess_rate=overlap / total if total > 0 else 0.0,
+      seconds_per_mixture=elapsed / max(num_mixtures, 1))
+  if out_dir:
+    _write_outputs(out_dir, reference, hypotheses, uem, results)
+  return results
+
+
+def _write_outputs(out_dir: str, reference: dict, hypotheses: dict, uem: dict,
+                   results: dict) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  rttm.write_rttm(os.path.join(out_dir, "reference.rttm"),
+                  [s for f in sorted(reference) for s in reference[f]])
+  for variant, hyp in hypotheses.items():
+    rttm.write_rttm(os.path.join(out_dir, f"{variant}.rttm"),
+                    [s for f in sorted(hyp) for s in hyp[f]])
+  with open(os.path.join(out_dir, "all.uem"), "w") as f:
+    for file_id, regions in sorted(uem.items()):
+      for a, b in regions:
+        f.write(f"{file_id} 1 {a:.3f} {b:.3f}\n")
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+
+def flat_metrics(results: dict, prefix: str) -> dict[str, float]:
+  """`evaluate_blind_der` output -> flat {prefix/name: value} scalars."""
+  out = {}
+  for variant in VARIANTS:
+    r = results[variant]
+    for collar in (0.0, 0.25):
+      c = r[scoring.collar_key(collar)]
+      tag = f"{prefix}/{variant}_c{collar:g}"
+      out.update({f"{tag}_der": c["der"], f"{tag}_missed": c["missed_rate"],
+                  f"{tag}_false_alarm": c["false_alarm_rate"],
+                  f"{tag}_confusion": c["confusion_rate"]})
+    out.update({f"{prefix}/{variant}_count_accuracy": r["count"]["accuracy"],
+                f"{prefix}/{variant}_count_under": r["count"]["under"],
+                f"{prefix}/{variant}_count_over": r["count"]["over"]})
+  out[f"{prefix}/overlap_excess_rate"] = results["overlap_excess_rate"]
+  return {k: float(v) for k, v in out.items()}
+
+
+def format_report(results: dict) -> str:
+  """A table: one row per variant and collar, then speaker counting."""
+  rows = [f"{'variant':>16} {'collar(+-s)':>11} {'DER%':>7} {'miss%':>7}"
+          f" {'FA%':>7} {'conf%':>7}"]
+  for variant in VARIANTS:
+    for collar in (0.0, 0.25):
+      c = results[variant][scoring.collar_key(collar)]
+      rows.append(f"{variant:>16} {collar:>11.2f} {100 * c['der']:>7.2f}"
+                  f" {100 * c['missed_rate']:>7.2f}"
+                  f" {100 * c['false_alarm_rate']:>7.2f}"
+                  f" {100 * c['confusion_rate']:>7.2f}")
+  for variant in VARIANTS:
+    n = results[variant]["count"]
+    rows.append(f"{variant:>16} speaker count: accuracy"
+                f" {100 * n['accuracy']:.1f}%  under {100 * n['under']:.1f}%"
+                f"  over {100 * n['over']:.1f}%")
+  rows.append(
+      f"{results['num_mixtures']} mixtures of {results['seconds']:g} s, K in"
+      f" [{results['k_min']}, {results['k_max']}] (mean"
+      f" {results['mean_speakers']:.2f}); overlap beyond one speaker:"
+      f" {100 * results['overlap_excess_rate']:.2f}% of reference speech"
+      f" (a floor on missed speech); {results['seconds_per_mixture']:.2f}"
+      " s/mixture.")
+  return "\n".join(rows)
+
+
+class DiarizationEvaluator:
+  """Trainer evaluator: `run(model, state) -> {name/...: value}`.
+
+  Config (`config.evals.<name>`): every, num_mixtures, seconds (mixture
+  length), chunk_seconds (activity chunk: the stage's data.clip_seconds),
+  k_min, k_max, plda_windows_per_utterance, plda_max_utterances_per_speaker,
+  and optional `diarization` (a dict of `DiarizationConfig` overrides). The
+  PLDA is refitted on train speakers at every run (the embeddings move).
+  """
+
+  def __init__(self, name: str, config, model: EchoModel, manifest_path: str,
+               seed: int):
+    self.name, self.every = name, config.every
+    self.config, self.manifest_path, self.seed = config, manifest_path, seed
+    overrides = dict(config.get("diarization", None) or {})
+    self.cfg = pipeline.DiarizationConfig(**overrides)
+    self.chunk_samples = int(round(config.chunk_seconds
+                                   * manifest_lib.SAMPLE_RATE))
+    self.model = model
+    self._diarizer: echo_backend.EchoDiarizer | None = None
+
+  def run(self, model: EchoModel, state: dict) -> dict[str, float]:
+    params = state["params"]
+    if self._diarizer is None or self._diarizer.model is not model:
+      # Built once: its jitted functions take params as an argument.
+      self._diarizer = echo_backend.EchoDiarizer(
+          model, params, chunk_samples=self.chunk_samples, cfg=self.cfg)
+    diarizer = self._diarizer
+    diarizer.params = params
+    c = self.config
+    diarizer.fit_plda(
+        self.manifest_path,
+        windows_per_utterance=c.plda_windows_per_utterance,
+        max_utterances_per_speaker=c.plda_max_utterances_per_speaker,
+        seed=self.seed, save=False)
+    results = evaluate_blind_der(
+        diarizer, self.manifest_path, num_mixtures=c.num_mixtures,
+        seconds=c.seconds, k_min=c.k_min, k_max=c.k_max, seed=self.seed)
+    _log.info("%s:\n%s", self.name, format_report(results))
+    return flat_metrics(results, self.name)

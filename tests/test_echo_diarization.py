@@ -1,0 +1,245 @@
+"""The Echo model wired to the diarization back-end: checkpoint loading,
+window embeddings, chunked speech activity, PLDA caching, diarize_file, the
+command-line tools and the blind-DER evaluator. Models are smoke-trained
+(a few steps): the tests check behaviour and exact identities, not quality."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import soundfile
+
+from data_pipelines import manifest as manifest_lib
+from data_pipelines import storage
+from echo_jax import embed, sharding, trainer
+from echo_jax.diarization import echo_backend, rttm, scoring
+from echo_jax.evaluators import diarization_eval
+from experiments import stage1_jepa, stage2_speaker
+from tools import diarize as diarize_tool
+from tools import eval_diarization
+from tools import score_rttm
+
+SR = manifest_lib.SAMPLE_RATE
+
+
+def _smoke(get_config, **overrides):
+  config = get_config("smoke")
+  config.unlock()
+  config.evals = {}
+  config.progress = False
+  config.total_steps = 2                 # Behaviour, not quality.
+  config.checkpoint.every = 2
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  config.lock()
+  return config
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("echo_diar")
+  stage1, stage2 = str(root / "stage1"), str(root / "stage2")
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+  trainer.train(_smoke(stage1_jepa.get_config), stage1, mesh=mesh)
+  trainer.train(_smoke(stage2_speaker.get_config,
+                       **{"init_from.workdir": stage1}), stage2, mesh=mesh)
+  return stage1, stage2
+
+
+@pytest.fixture(scope="module")
+def diarizer(workdirs):
+  d = echo_backend.EchoDiarizer.from_workdir(workdirs[1])
+  d.load_or_fit_plda()
+  return d
+
+
+def _utterance_audio(manifest_path, split, count):
+  utts = [u for u in manifest_lib.read_manifest(manifest_path)
+          if u.split == split]
+  by_speaker = {}
+  for u in utts:
+    by_speaker.setdefault(u.speaker, u)
+  store = storage.AudioStore(manifest_path)
+  return [store.read(u) for u in list(by_speaker.values())[:count]]
+
+
+def _check_segments(segments, duration, file_id):
+  assert all(s.file_id == file_id for s in segments)
+  assert all(0 <= s.start and s.duration > 0 for s in segments)
+  assert all(s.end <= duration + 1e-6 for s in segments)
+  # One speaker per frame: no two segments overlap.
+  ordered = sorted(segments, key=lambda s: s.start)
+  assert all(a.end <= b.start + 1e-6 for a, b in zip(ordered, ordered[1:]))
+
+
+def test_load_stage_model(workdirs):
+  stage1, stage2 = workdirs
+  model, params = echo_backend.load_stage_model(stage2)
+  assert set(params["heads"]) == {"rwse", "speaker", "arcface", "activity"}
+  # The tiny corpus has 6 train speakers: the ArcFace classes.
+  assert params["heads"]["arcface"]["class_weights"].shape == (
+      6, model.speaker.embed_dim)
+  with pytest.raises(ValueError, match="stage-2"):
+    echo_backend.load_stage_model(stage1)
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    echo_backend.load_stage_model(os.path.join(stage1, "nowhere"))
+
+
+def test_embed_windows_batches_and_matches_model(diarizer):
+  rng = np.random.default_rng(0)
+  batch = diarizer.cfg.batch_windows
+  windows = 0.1 * rng.standard_normal(
+      (batch + 3, diarizer.window_samples)).astype(np.float32)
+  emb = diarizer.embed_windows(windows)
+  assert emb.shape == (batch + 3, diarizer.model.speaker.embed_dim)
+  # Padding rows never leak into real ones; same as the model called directly.
+  direct = embed.speaker_embeddings(diarizer.model, diarizer.params,
+                                    windows[-3:], np.full(3, windows.shape[1]))
+  np.testing.assert_allclose(emb[-3:], np.asarray(direct), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(diarizer.embed_windows(windows[:1]), emb[:1],
+                             rtol=1e-4, atol=1e-5)
+  assert diarizer.embed_windows(windows[:0]).shape == (0, emb.shape[1])
+
+
+@pytest.mark.parametrize("num_samples", [4800, "chunk", 30 * SR + 77])
+def test_speech_activity_shapes(diarizer, num_samples):
+  chunk = diarizer.chunk_samples
+  n = chunk if num_samples == "chunk" else num_samples
+  wave = 0.1 * np.random.default_rng(1).standard_normal(n).astype(np.float32)
+  probs = diarizer.speech_activity(wave)
+  assert probs.shape == (n // 160,)
+  assert np.all((probs >= 0) & (probs <= 1))
+  if n == chunk:  # One chunk: exactly the model's token probs, repeated.
+    model = diarizer.model
+    feats, _ = model.features(diarizer.params, diarizer.params["encoder"],
+                              model.log_mel(wave[None]))
+    tokens = jax.nn.sigmoid(model.activity_logits(diarizer.params, feats))[0]
+    expected = np.repeat(np.asarray(tokens), model.patch_frames)
+    np.testing.assert_allclose(probs[:len(expected)], expected, rtol=1e-5,
+                               atol=1e-6)
+  if n > 2 * chunk:  # Frames before the second chunk come from the first only.
+    half = (chunk // 2) // 160
+    np.testing.assert_allclose(
+        probs[:half], diarizer.speech_activity(wave[:chunk])[:half],
+        rtol=1e-5, atol=1e-6)
+
+
+def test_plda_is_saved_and_reused(diarizer, workdirs):
+  path = os.path.join(workdirs[1], echo_backend.PLDA_FILE)
+  assert os.path.exists(path)
+  mtime = os.stat(path).st_mtime_ns
+  again = echo_backend.EchoDiarizer.from_workdir(workdirs[1])
+  plda = again.load_or_fit_plda()
+  assert os.stat(path).st_mtime_ns == mtime  # Loaded, not refitted.
+  np.testing.assert_array_equal(plda.phi, diarizer.plda.phi)
+  # A different fitting recipe does not match the saved record: refitted.
+  again.load_or_fit_plda(windows_per_utterance=2)
+  assert os.stat(path).st_mtime_ns != mtime
+
+
+def test_diarize_file_any_rate_silence_and_short(diarizer, tmp_path):
+  manifest = diarizer.train_manifest
+  a, b = _utterance_audio(manifest, manifest_lib.HELDOUT, 2)
+  speech = np.concatenate([a, np.zeros(SR // 2, np.float32), b])
+  import librosa
+  at_44k = librosa.resample(speech, orig_sr=SR, target_sr=44_100)
+  stereo = np.stack([at_44k, at_44k], axis=1)
+  cases = {"two speakers": (stereo, 44_100),
+           "silent": (np.zeros(3 * SR, np.float32), SR),
+           "short": (speech[:int(0.3 * SR)], SR)}
+  for name, (audio, rate) in cases.items():
+    path = str(tmp_path / f"{name}.wav")
+    soundfile.write(path, audio, rate)
+    segments = diarizer.diarize_file(path)
+    _check_segments(segments, len(audio) / rate, name.replace(" ", "_"))
+  with pytest.raises(FileNotFoundError):
+    diarizer.diarize_file(str(tmp_path / "missing.wav"))
+
+
+def test_diarize_tool_writes_rttms_and_counts_failures(diarizer, workdirs,
+                                                       tmp_path):
+  a, b = _utterance_audio(diarizer.train_manifest, manifest_lib.HELDOUT, 2)
+  soundfile.write(str(tmp_path / "a.flac"), a, SR)
+  soundfile.write(str(tmp_path / "b.wav"), np.concatenate([a, b]), 22_050)
+  (tmp_path / "broken.wav").write_bytes(b"not audio")
+  out = tmp_path / "rttm"
+  failed = diarize_tool.main([
+      "--workdir", workdirs[1], "--out", str(out), "--Fb", "10",
+      "--ahc_calibrate", "false", str(tmp_path / "a.flac"),
+      str(tmp_path / "b.wav"), str(tmp_path / "missing.wav"),
+      str(tmp_path / "broken.wav")])
+  assert failed == 2
+  assert sorted(os.listdir(out)) == ["a.rttm", "b.rttm"]
+  for name, seconds in (("a", len(a) / SR), ("b", (len(a) + len(b)) / SR)):
+    lines = (out / f"{name}.rttm").read_text().splitlines()
+    assert all(len(l.split()) == 10 and l.startswith(f"SPEAKER {name} 1 ")
+               for l in lines)
+    segments = rttm.read_rttm(str(out / f"{name}.rttm")).get(name, [])
+    _check_segments(segments, seconds, name)
+  args = diarize_tool.parse_args(["--workdir", "w", "--out", "o", "x.wav",
+                                  "--Fb", "10", "--ahc_calibrate", "false"])
+  cfg = diarize_tool.config_from_args(args)
+  assert cfg.Fb == 10.0 and cfg.ahc_calibrate is False and cfg.Fa == 0.3
+
+
+def test_blind_der_and_oracle_activity(diarizer, tmp_path):
+  out_dir = str(tmp_path / "eval")
+  results = diarization_eval.evaluate_blind_der(
+      diarizer, diarizer.train_manifest, num_mixtures=3, seconds=8.0,
+      k_min=1, k_max=2, seed=0, out_dir=out_dir)
+  for variant in diarization_eval.VARIANTS:
+    for collar in (0.0, 0.25):
+      r = results[variant][scoring.collar_key(collar)]
+      for key in ("der", "missed_rate", "false_alarm_rate", "confusion_rate"):
+        assert np.isfinite(r[key]) and r[key] >= 0, (variant, collar, key)
+    assert 0 <= results[variant]["count"]["accuracy"] <= 1
+    assert results[variant]["count"]["num_files"] == 3
+  oracle = results["oracle_activity"][scoring.collar_key(0.0)]
+  blind = results["blind"][scoring.collar_key(0.0)]
+  # With oracle activity every reference speech frame gets exactly one
+  # speaker: no false alarm, and the missed speech is exactly the overlap
+  # beyond one speaker.
+  assert oracle["false_alarm"] == pytest.approx(0.0, abs=1e-6)
+  assert oracle["missed"] == pytest.approx(results["overlap_excess_seconds"],
+                                           abs=1e-6)
+  assert oracle["total"] == pytest.approx(blind["total"])
+  # The reference total is the summed per-speaker activity of the mixtures.
+  ref = rttm.read_rttm(os.path.join(out_dir, "reference.rttm"))
+  assert blind["total"] == pytest.approx(
+      sum(s.duration for segs in ref.values() for s in segs), abs=1e-6)
+  # Re-scored from the written files by the scoring tool: same numbers.
+  rescored = score_rttm.main([
+      "--ref", os.path.join(out_dir, "reference.rttm"),
+      "--hyp", os.path.join(out_dir, "blind.rttm"),
+      "--uem", os.path.join(out_dir, "all.uem")])
+  assert rescored[scoring.collar_key(0.0)]["der"] == pytest.approx(
+      blind["der"], abs=1e-3)
+  assert os.path.exists(os.path.join(out_dir, "results.json"))
+
+
+def test_evaluator_interface_and_eval_tool(diarizer, workdirs, tmp_path):
+  config = ml_collections.ConfigDict(dict(
+      type="diarization", every=5, num_mixtures=2, seconds=6.0,
+      chunk_seconds=2.0, k_min=1, k_max=2, plda_windows_per_utterance=2,
+      plda_max_utterances_per_speaker=3, diarization=dict(Fb=12.0)))
+  evaluator = diarization_eval.DiarizationEvaluator(
+      "diar", config, diarizer.model, diarizer.train_manifest, seed=0)
+  assert evaluator.name == "diar" and evaluator.every == 5
+  metrics = evaluator.run(diarizer.model, {"params": diarizer.params})
+  assert metrics and all(k.startswith("diar/") for k in metrics)
+  assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
+  assert metrics["diar/oracle_activity_c0_false_alarm"] == pytest.approx(
+      0.0, abs=1e-9)
+
+  json_path = str(tmp_path / "out.json")
+  results = eval_diarization.main([
+      "--workdir", workdirs[1], "--num_mixtures", "2", "--seconds", "6",
+      "--k_max", "2", "--json", json_path])
+  assert os.path.exists(json_path) and results["num_mixtures"] == 2

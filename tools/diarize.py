@@ -1,0 +1,115 @@
+r"""Blind diarization of audio files with a stage-2 (or later) Echo checkpoint.
+
+  python tools/diarize.py --workdir runs/cpu/stage2 --out rttm_dir \
+      a.wav b.flac ... [--Fb 17 --loop_prob 0.99 --activity_threshold 0.5 ...]
+
+Any soundfile-readable file (wav, flac, ogg), any sample rate and channel
+count (downmixed, resampled to 16 kHz). Writes `<out>/<name>.rttm` per file
+(name: file name without extension). The PLDA back-end is loaded from
+`<workdir>/plda.npz`, or fitted on the checkpoint's training corpus (train
+speakers) and saved there. Files that fail are logged, skipped and counted;
+the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from echo_jax.diarization import echo_backend  # noqa: E402
+from echo_jax.diarization import pipeline  # noqa: E402
+from echo_jax.diarization import rttm  # noqa: E402
+
+_log = logging.getLogger(__name__)
+
+
+def _bool(text: str) -> bool:
+  if text.lower() in ("1", "true", "yes"):
+    return True
+  if text.lower() in ("0", "false", "no"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true/false, found {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+  """One `--<field>` flag per `DiarizationConfig` field, default as there."""
+  group = parser.add_argument_group("DiarizationConfig")
+  for field in dataclasses.fields(pipeline.DiarizationConfig):
+    default = field.default
+    kind = _bool if isinstance(default, bool) else type(default)
+    group.add_argument(f"--{field.name}", type=kind, default=default,
+                       help=f"default {default}")
+
+
+def config_from_args(args: argparse.Namespace) -> pipeline.DiarizationConfig:
+  return pipeline.DiarizationConfig(**{
+      f.name: getattr(args, f.name)
+      for f in dataclasses.fields(pipeline.DiarizationConfig)})
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True,
+                      help="stage-2 (or later) training workdir")
+  parser.add_argument("--out", required=True, help="folder for the RTTMs")
+  parser.add_argument("--plda_manifest", default=None,
+                      help="manifest whose train speakers fit the PLDA"
+                      " (default: the checkpoint's training corpus)")
+  parser.add_argument("--refit_plda", action="store_true",
+                      help="fit the PLDA even if plda.npz matches")
+  parser.add_argument("files", nargs="+", help="audio files")
+  add_config_flags(parser)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Returns the number of files that failed (exit status 1 if any)."""
+  # Root at WARNING keeps orbax/JAX chatter out; ours at INFO. `force`:
+  # absl may have installed a handler already.
+  logging.basicConfig(level=logging.WARNING,
+                      format="%(levelname)s %(message)s", force=True)
+  for name in (__name__, "echo_jax"):
+    logging.getLogger(name).setLevel(logging.INFO)
+  args = parse_args(argv)
+  ids: dict[str, str] = {}
+  for path in args.files:
+    file_id = echo_backend.file_id_of(path)
+    if file_id in ids and ids[file_id] != path:
+      raise SystemExit(
+          f"{path} and {ids[file_id]} would both write {file_id}.rttm; rename"
+          " one or diarize them in separate runs.")
+    ids[file_id] = path
+
+  diarizer = echo_backend.EchoDiarizer.from_workdir(
+      args.workdir, cfg=config_from_args(args))
+  if args.refit_plda:
+    diarizer.fit_plda(args.plda_manifest)
+  else:
+    diarizer.load_or_fit_plda(args.plda_manifest)
+  os.makedirs(args.out, exist_ok=True)
+
+  failed = 0
+  for file_id, path in ids.items():
+    try:
+      segments = diarizer.diarize_file(path, file_id)
+    except (OSError, RuntimeError, ValueError) as e:
+      # Unreadable / missing / malformed audio: skip it, keep the others.
+      failed += 1
+      _log.error("Skipped %s: %s: %s", path, type(e).__name__, e)
+      continue
+    out_path = os.path.join(args.out, f"{file_id}.rttm")
+    rttm.write_rttm(out_path, segments)
+    _log.info("%s: %d segments, %d speakers -> %s", path, len(segments),
+                 len({s.speaker for s in segments}), out_path)
+  _log.info("Diarized %d of %d files; %d failed.", len(ids) - failed,
+               len(ids), failed)
+  return failed
+
+
+if __name__ == "__main__":
+  sys.exit(1 if main() else 0)
