@@ -350,15 +350,3 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
         num_workers=num_workers, per_worker_buffer_size=2))
   return it_ds
 
-
-def make_train_iterator(manifest_path: str, cfg: MixtureConfig, *, seed: int,
-                        batch_size: int, num_workers: int = 0,
-                        split: str = manifest_lib.TRAIN
-                        ) -> grain.DatasetIterator:
-  """This host's training iterator (shard = JAX process); checkpoint it with
-  `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` in orbax."""
-  import jax  # Lazy: the data pipeline itself does not need JAX.
-  return iter(mixture_dataset(
-      manifest_path, split, cfg, seed=seed, batch_size=batch_size,
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
-      num_workers=num_workers))

@@ -74,6 +74,10 @@ def batched(fn: Callable, waves: np.ndarray, lengths: np.ndarray,
   return np.concatenate(outputs, axis=axis)
 
 
-def jit_with_model(fn: Callable, model: EchoModel, params) -> Callable:
-  """`fn(model, params, waves, lengths)` as a jitted `(waves, lengths)` fn."""
-  return jax.jit(functools.partial(fn, model, params))
+def jit_with_model(fn: Callable, model: EchoModel) -> Callable:
+  """`fn(model, params, waves, lengths)` as a jitted `(params, waves, lengths)`.
+
+  Params stay an argument, not baked-in constants, so one compilation serves
+  every evaluation step.
+  """
+  return jax.jit(functools.partial(fn, model))

@@ -29,6 +29,11 @@ from echo_jax.model import EchoModel, build_model, param_count
 from echo_jax.objectives import jepa
 
 
+# Batch entries the losses read; the rest of the stream's example (sources,
+# phoneme tracks) stays on the host instead of being copied to devices.
+DEVICE_KEYS = ("mixture", "speakers", "activity", "num_speakers")
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradients became NaN/Inf; the last good checkpoint is kept."""
 
@@ -203,7 +208,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   try:
     with _Preemption() as preemption:
       while step < config.total_steps:
-        batch = sharding.global_batch(next(data_iterator), mesh)
+        batch = next(data_iterator)
+        batch = sharding.global_batch({k: batch[k] for k in DEVICE_KEYS}, mesh)
         state, metrics = train_step(state, batch)
         metrics = jax.device_get(metrics)
         if not metrics.pop("train/finite"):

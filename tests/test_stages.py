@@ -1,0 +1,65 @@
+"""Stage chaining: stage 2 starts from a real stage-1 checkpoint, keeps the
+JEPA term on, trains the speaker head and reports all speaker evaluations."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from echo_jax import checkpointing, trainer
+from experiments import stage1_jepa, stage2_speaker
+
+
+@pytest.fixture(scope="module")
+def stage1_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("stage1"))
+  config = stage1_jepa.get_config("smoke")
+  with config.unlocked():
+    config.evals = {}
+    config.progress = False
+  trainer.train(config, workdir)
+  return workdir
+
+
+def test_stage2_chains_from_stage1(stage1_workdir, tmp_path):
+  stage1_state, _, _ = checkpointing.load_state(stage1_workdir)
+  config = stage2_speaker.get_config("smoke")
+  with config.unlocked():
+    config.init_from.workdir = stage1_workdir
+    config.progress = False
+    config.optim.lr = 0.0  # Nothing moves: the restored trees must match.
+  workdir = str(tmp_path)
+  final = trainer.train(config, workdir)
+
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert len(train_rows) == config.total_steps
+  for r in train_rows:  # JEPA is still computed and logged next to ArcFace.
+    assert np.isfinite(r["jepa/loss"]) and r["jepa/loss"] > 0
+    assert np.isfinite(r["arcface/loss"]) and r["arcface/loss"] > 0
+    np.testing.assert_allclose(
+        r["train/loss"], 0.5 * r["jepa/loss"] + r["arcface/loss"]
+        + 0.1 * r["activity/loss"], rtol=1e-5)
+  margins = [r["arcface/margin"] for r in train_rows]
+  assert margins[0] == 0.0 and margins[-1] == pytest.approx(0.2)
+  # Evaluations of all three encoders are reported.
+  for key in ("speaker/projection_top1", "speaker/projection_eer",
+              "speaker/target_best_top1", "speaker/random_best_top1"):
+    assert 0.0 <= final[key] <= 1.0
+
+  stage2_state, _, _ = checkpointing.load_state(workdir)
+  for tree in ("encoder", "predictor"):
+    jax.tree.map(np.testing.assert_array_equal, stage1_state["params"][tree],
+                 stage2_state["params"][tree])
+  assert set(stage2_state["params"]["heads"]) == {"rwse", "speaker", "arcface",
+                                                  "activity"}
+
+
+def test_stage2_without_stage1_checkpoint_fails(tmp_path):
+  config = stage2_speaker.get_config("smoke")
+  with config.unlocked():
+    config.init_from.workdir = str(tmp_path / "missing_stage1")
+  with pytest.raises(FileNotFoundError, match="Run the previous stage"):
+    trainer.train(config, str(tmp_path / "stage2"))
