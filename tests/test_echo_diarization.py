@@ -20,25 +20,15 @@ from experiments import stage1_jepa, stage2_speaker
 from tools import diarize as diarize_tool
 from tools import eval_diarization
 from tools import score_rttm
+from smoke_configs import smoke
 
 SR = manifest_lib.SAMPLE_RATE
 
 
 def _smoke(get_config, **overrides):
-  config = get_config("smoke")
-  config.unlock()
-  config.evals = {}
-  config.progress = False
-  config.total_steps = 2                 # Behaviour, not quality.
-  config.checkpoint.every = 2
-  for key, value in overrides.items():
-    node = config
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  config.lock()
-  return config
+  # Two steps: behaviour, not quality.
+  return smoke(get_config, total_steps=2, **{"checkpoint.every": 2},
+               **overrides)
 
 
 @pytest.fixture(scope="module")

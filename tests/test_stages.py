@@ -10,16 +10,13 @@ import pytest
 
 from echo_jax import checkpointing, trainer
 from experiments import stage1_jepa, stage2_speaker
+from smoke_configs import smoke
 
 
 @pytest.fixture(scope="module")
 def stage1_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("stage1"))
-  config = stage1_jepa.get_config("smoke")
-  with config.unlocked():
-    config.evals = {}
-    config.progress = False
-  trainer.train(config, workdir)
+  trainer.train(smoke(stage1_jepa.get_config), workdir)
   return workdir
 
 

@@ -12,21 +12,11 @@ import pytest
 
 from echo_jax import checkpointing, losses, sharding, trainer
 from experiments import stage1_jepa
+from smoke_configs import smoke
 
 
 def smoke_config(**overrides):
-  config = stage1_jepa.get_config("smoke")
-  config.unlock()
-  config.evals = {}
-  config.progress = False
-  for key, value in overrides.items():
-    node = config
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  config.lock()
-  return config
+  return smoke(stage1_jepa.get_config, **overrides)
 
 
 def read_losses(workdir):
