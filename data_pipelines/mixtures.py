@@ -301,6 +301,17 @@ class MixtureTransform(grain.transforms.RandomMap):
                         anchor=int(element), skips=self.skips)
 
 
+class SelectKeys(grain.transforms.Map):
+  """Keeps only the example entries a consumer reads (less to ship between
+  worker processes: `sources` alone is K_max x N floats)."""
+
+  def __init__(self, keys: Sequence[str]):
+    self.keys = tuple(keys)
+
+  def map(self, element: dict) -> dict:
+    return {k: element[k] for k in self.keys}
+
+
 def example_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
                     seed: int, num_epochs: int | None = None,
                     index: MixtureIndex | None = None) -> grain.MapDataset:
@@ -317,7 +328,8 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
                     seed: int, batch_size: int, shard_index: int = 0,
                     shard_count: int = 1, num_workers: int = 0,
                     num_epochs: int | None = None, read_threads: int = 1,
-                    index: MixtureIndex | None = None) -> grain.IterDataset:
+                    index: MixtureIndex | None = None,
+                    keys: Sequence[str] | None = None) -> grain.IterDataset:
   """Batched mixture stream of one host: dicts of `[batch_size, ...]` arrays.
 
   Args:
@@ -329,6 +341,7 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
     read_threads: threads computing batches ahead inside each process (0: on
       demand). Examples hold the GIL most of the time, so more threads than
       one rarely help; use workers.
+    keys: example entries to keep (None: all).
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"Need 0 <= shard_index < shard_count; found "
@@ -338,7 +351,10 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
   # Batching the MapDataset keeps batch i = examples [i*B, (i+1)*B) of this
   # host's stream whatever the worker count, and runs the (memory-bound)
   # stacking inside the workers, which then ship whole batches.
-  ds = ds[shard_index::shard_count].batch(batch_size, drop_remainder=True)
+  ds = ds[shard_index::shard_count]
+  if keys is not None:
+    ds = ds.map(SelectKeys(keys))
+  ds = ds.batch(batch_size, drop_remainder=True)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=2))
   if num_workers > 0:

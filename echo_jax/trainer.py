@@ -67,7 +67,7 @@ def make_dataset(config, manifest_path: str, split: str, seed: int):
       manifest_path, split, mixture_config(config.data), seed=seed,
       batch_size=config.data.batch_size // jax.process_count(),
       shard_index=jax.process_index(), shard_count=jax.process_count(),
-      num_workers=config.data.num_workers)
+      num_workers=config.data.num_workers, keys=DEVICE_KEYS)
 
 
 def init_state(model: EchoModel, config, num_samples: int) -> dict:
@@ -208,8 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   try:
     with _Preemption() as preemption:
       while step < config.total_steps:
-        batch = next(data_iterator)
-        batch = sharding.global_batch({k: batch[k] for k in DEVICE_KEYS}, mesh)
+        batch = sharding.global_batch(next(data_iterator), mesh)
         state, metrics = train_step(state, batch)
         metrics = jax.device_get(metrics)
         if not metrics.pop("train/finite"):

@@ -279,6 +279,13 @@ def test_batches_and_num_speakers(corpus):
   assert not np.array_equal(batch["mixture"], other["mixture"])
 
 
+def test_selected_keys_are_the_same_entries(corpus):
+  keys = ("mixture", "activity", "speakers")
+  full = _take(iter(_dataset(corpus)), 2)
+  selected = _take(iter(_dataset(corpus, keys=keys)), 2)
+  _assert_batches_equal(selected, [{k: b[k] for k in keys} for b in full])
+
+
 def test_workers_resume_and_state(corpus):
   """0 and 2 workers give one stream; get_state/set_state resumes it exactly."""
   reference = _take(iter(_dataset(corpus)), 5)

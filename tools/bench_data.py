@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--seconds", type=float, default=20.0)
   parser.add_argument("--clip-seconds", type=float, default=4.0)
   parser.add_argument("--k-max", type=int, default=3)
+  parser.add_argument("--keys", default=None,
+                      help="comma-separated example entries to keep (the "
+                      "trainer keeps mixture,speakers,activity,num_speakers)")
   parser.add_argument("--profile", action="store_true",
                       help="Also profile make_example in this process.")
   args = parser.parse_args(argv)
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                                k_max=args.k_max)
   ds = mixtures.mixture_dataset(manifest, args.split, cfg, seed=0,
                                 batch_size=args.batch_size,
-                                num_workers=args.workers)
+                                num_workers=args.workers,
+                                keys=args.keys.split(",") if args.keys else None)
   it = iter(ds)
   next(it)  # Start-up (worker spawn, index pickling) is not throughput.
   count, start, cpu_start = 0, time.perf_counter(), _cpu_seconds()
