@@ -106,3 +106,25 @@ def test_nan_stops_run_and_keeps_checkpoint(tmp_path, monkeypatch):
   state, _, step = checkpointing.load_state(str(tmp_path))
   assert step == 3
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_frozen_groups_stay_and_lr_multipliers_apply(tmp_path):
+  config = smoke_config(total_steps=2, **{
+      "optim.lr": 3e-3, "optim.warmup_steps": 0,
+      "optim.freeze": ("^encoder/",),
+      "optim.lr_mult": (("^predictor/blocks_0/", 0.0),)})
+  init = trainer.init_state(
+      trainer.build_model(config), config,
+      int(config.data.clip_seconds * 16000))
+  trainer.train(config, str(tmp_path), mesh=one_device_mesh())
+  state, _, _ = checkpointing.load_state(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, init["params"]["encoder"],
+               state["params"]["encoder"])
+  jax.tree.map(np.testing.assert_array_equal,
+               init["params"]["predictor"]["blocks_0"],
+               state["params"]["predictor"]["blocks_0"])
+  # The rest of the predictor trains at the full rate.
+  moved = [not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(init["params"]["predictor"]["out_proj"]),
+      jax.tree.leaves(state["params"]["predictor"]["out_proj"]))]
+  assert all(moved)
