@@ -124,7 +124,7 @@ def restore_trees(directory: str, trees: Sequence[str], abstract_state: Mapping,
   # it and replicated elsewhere, then keep the selected trees.
   full = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
   for tree, want in selected.items():
-    _set_subtree(full, tree, want)
+    set_subtree(full, tree, want)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(full)))["state"]
   logging.info("init_from: restored %s from %s (step %d).", list(trees),
@@ -146,7 +146,8 @@ def _subtree(tree, path: str):
   return tree
 
 
-def _set_subtree(tree, path: str, value) -> None:
+def set_subtree(tree: dict, path: str, value) -> None:
+  """tree['a']['b'] = value for path 'a/b' (in place)."""
   *parents, last = path.split("/")
   for key in parents:
     tree = tree[key]

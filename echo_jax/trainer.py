@@ -118,17 +118,6 @@ def make_train_step(model: EchoModel, config):
   return train_step
 
 
-def _merge_trees(state: dict, trees: Mapping[str, object]) -> dict:
-  state = jax.tree.map(lambda x: x, state)  # Shallow structural copy.
-  for path, value in trees.items():
-    node = state
-    *parents, last = path.split("/")
-    for key in parents:
-      node = node[key]
-    node[last] = value
-  return state
-
-
 class _Preemption:
   """Turns SIGTERM into a flag; the loop saves and stops cleanly."""
 
@@ -187,7 +176,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       trees = checkpointing.restore_trees(
           os.path.join(config.init_from.workdir, "checkpoints"),
           config.init_from.trees, abstract)
-      state = _merge_trees(state, trees)
+      for path, tree in trees.items():
+        checkpointing.set_subtree(state, path, tree)
   logging.info("Params: encoder %.2fM, predictor %.2fM, heads %.2fM.",
                *(param_count(state["params"][k]) / 1e6
                  for k in ("encoder", "predictor", "heads")))
