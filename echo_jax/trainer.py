@@ -133,7 +133,12 @@ class _Preemption:
     return self
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM: saving a checkpoint and stopping.")
+    if self.requested:  # A second SIGTERM (e.g. a hung step): die now.
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
+    logging.warning("SIGTERM: saving a checkpoint and stopping (send it "
+                    "again to stop at once).")
     self.requested = True
 
   def __exit__(self, *exc):

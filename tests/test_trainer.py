@@ -4,6 +4,7 @@ and NaN handling. Uses the tiny embedded corpus (built once, cached)."""
 import json
 import os
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -128,3 +129,20 @@ def test_frozen_groups_stay_and_lr_multipliers_apply(tmp_path):
       jax.tree.leaves(init["params"]["predictor"]["out_proj"]),
       jax.tree.leaves(state["params"]["predictor"]["out_proj"]))]
   assert all(moved)
+
+
+def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
+  real_write = trainer.metric_writer.MetricWriter.write
+
+  def write_then_preempt(self, step, metrics, **kw):
+    real_write(self, step, metrics, **kw)
+    if step == 2 and "train/loss" in metrics:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(trainer.metric_writer.MetricWriter, "write",
+                      write_then_preempt)
+  config = smoke_config(total_steps=6, **{"checkpoint.every": 100})
+  trainer.train(config, str(tmp_path), mesh=one_device_mesh())
+  _, _, step = checkpointing.load_state(str(tmp_path))
+  assert step == 2
+  assert sorted(read_losses(str(tmp_path))) == [1, 2]
