@@ -156,12 +156,21 @@ def set_subtree(tree: dict, path: str, value) -> None:
 
 def load_state(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
   """(raw state dict, config dict, step) of a run's checkpoint, for probes,
-  export and diarization. Arrays come back unsharded on the default device."""
+  export and diarization. Arrays come back on one device, whatever mesh (or
+  number of devices) wrote them."""
   manager = make_manager(os.path.join(workdir, "checkpoints"), read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train "
-                            "the stage first.")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train "
+                              "the stage first.")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        _saved_tree(manager, step))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        config=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
   return dict(restored["state"]), dict(restored["config"]), step

@@ -53,24 +53,26 @@ def pooled_layers(model: EchoModel, encoder_params: dict, waves: jax.Array,
   return _masked_mean(hidden, token_mask(model, lengths, waves.shape[-1]))
 
 
-def speaker_embeddings(model: EchoModel, params: dict, waves: jax.Array,
-                       lengths: jax.Array) -> jax.Array:
+def speaker_embeddings(model: EchoModel, params: dict, waves: jax.Array
+                       ) -> jax.Array:
   """Stage-2 speaker projection [B, D] (pooling over the whole clip)."""
   feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
   return model.speaker_embedding(params, feats)
 
 
-def batched(fn: Callable, waves: np.ndarray, lengths: np.ndarray,
-            batch_size: int, axis: int = 0) -> np.ndarray:
-  """Runs jitted `fn(waves, lengths)` over fixed-size batches (last padded)."""
+def batched(fn: Callable, *arrays: np.ndarray, batch_size: int,
+            axis: int = 0) -> np.ndarray:
+  """Runs jitted `fn(*rows)` over fixed-size batches of the arrays' leading
+  dim (the last batch zero-padded, so one compilation serves any count); the
+  outputs are concatenated along `axis`."""
   outputs = []
-  for start in range(0, len(waves), batch_size):
-    w, n = waves[start:start + batch_size], lengths[start:start + batch_size]
-    pad = batch_size - len(w)
-    w = np.pad(w, ((0, pad), (0, 0)))
-    n = np.pad(n, (0, pad), constant_values=1)
-    out = np.asarray(fn(w, n))
-    outputs.append(np.take(out, np.arange(batch_size - pad), axis=axis))
+  for start in range(0, len(arrays[0]), batch_size):
+    rows = [a[start:start + batch_size] for a in arrays]
+    real = len(rows[0])
+    rows = [np.pad(r, [(0, batch_size - real)] + [(0, 0)] * (r.ndim - 1))
+            for r in rows]
+    out = np.asarray(fn(*rows))
+    outputs.append(np.take(out, np.arange(real), axis=axis))
   return np.concatenate(outputs, axis=axis)
 
 

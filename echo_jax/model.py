@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.manifest import SAMPLE_RATE
 from echo_jax import audio
 from echo_jax.models import heads as heads_lib
 from echo_jax.models.rwse import RWSE
@@ -46,7 +47,7 @@ class EchoModel:
   def log_mel(self, waveform: jax.Array) -> jax.Array:
     """[B, N] 16 kHz -> normalised log-mel [B, N // 160, n_mels]."""
     mel = audio.log_mel(waveform.astype(jnp.float32), n_mels=self.n_mels)
-    return (mel - self.mel_mean) / self.mel_std
+    return audio.normalize_log_mel(mel, self.mel_mean, self.mel_std)
 
   def num_tokens(self, num_samples: int) -> int:
     return (num_samples // HOP) // self.patch_frames
@@ -128,6 +129,11 @@ def build_model(config, num_classes: int = 0) -> EchoModel:
       arcface=classifier, activity=nn.Dense(1, name="activity"),
       heads=tuple(m.heads), n_mels=m.n_mels, mel_mean=m.mel_mean,
       mel_std=m.mel_std)
+
+
+def clip_samples(config) -> int:
+  """Training clip length in samples (the model's native input length)."""
+  return int(round(config.data.clip_seconds * SAMPLE_RATE))
 
 
 def token_activity(activity: jax.Array, patch_frames: int) -> jax.Array:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import signal
 import time
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +23,7 @@ from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
 from echo_jax import checkpointing, losses, metric_writer, optimizer, sharding
 from echo_jax.evaluators import registry as eval_registry
-from echo_jax.model import EchoModel, build_model, param_count
+from echo_jax.model import EchoModel, build_model, clip_samples, param_count
 from echo_jax.objectives import jepa
 
 
@@ -154,7 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   utterances = manifest_lib.read_manifest(manifest_path)
   num_classes = len(manifest_lib.speakers_of(utterances, manifest_lib.TRAIN))
   model = build_model(config, num_classes)
-  num_samples = int(round(config.data.clip_seconds * manifest_lib.SAMPLE_RATE))
+  num_samples = clip_samples(config)
 
   dataset = make_dataset(config, manifest_path, manifest_lib.TRAIN, config.seed)
   data_iterator = iter(dataset)

@@ -90,7 +90,7 @@ def test_embed_windows_batches_and_matches_model(diarizer):
   assert emb.shape == (batch + 3, diarizer.model.speaker.embed_dim)
   # Padding rows never leak into real ones; same as the model called directly.
   direct = embed.speaker_embeddings(diarizer.model, diarizer.params,
-                                    windows[-3:], np.full(3, windows.shape[1]))
+                                    windows[-3:])
   np.testing.assert_allclose(emb[-3:], np.asarray(direct), rtol=1e-4,
                              atol=1e-5)
   np.testing.assert_allclose(diarizer.embed_windows(windows[:1]), emb[:1],

@@ -1,6 +1,5 @@
 """Mixture stream: example invariants, phoneme frames, determinism, resume."""
 
-import collections
 import os
 
 import grain

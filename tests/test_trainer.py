@@ -116,7 +116,7 @@ def test_frozen_groups_stay_and_lr_multipliers_apply(tmp_path):
       "optim.lr_mult": (("^predictor/blocks_0/", 0.0),)})
   init = trainer.init_state(
       trainer.build_model(config), config,
-      int(config.data.clip_seconds * 16000))
+      trainer.clip_samples(config))
   trainer.train(config, str(tmp_path), mesh=one_device_mesh())
   state, _, _ = checkpointing.load_state(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, init["params"]["encoder"],

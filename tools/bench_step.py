@@ -22,9 +22,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipelines import manifest as manifest_lib
 from echo_jax import sharding, trainer
-from echo_jax.model import DTYPES, build_model, param_count
+from echo_jax.model import DTYPES, build_model, clip_samples, param_count
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config's).")
@@ -35,7 +34,7 @@ _PEAK_N = flags.DEFINE_integer("peak_matmul_size", 4096, "Peak matmul size.")
 
 def synthetic_batch(config, batch_size: int) -> dict:
   rng = np.random.default_rng(0)
-  n = int(config.data.clip_seconds * manifest_lib.SAMPLE_RATE)
+  n = clip_samples(config)
   k = config.data.k_max
   frames = n // 160
   return {
@@ -64,7 +63,7 @@ def main(argv):
   batch_size = _BATCH.value or config.data.batch_size
   mesh = sharding.make_mesh(config.mesh)
   model = build_model(config, _CLASSES.value)
-  n = int(config.data.clip_seconds * manifest_lib.SAMPLE_RATE)
+  n = clip_samples(config)
   init = functools.partial(trainer.init_state, model, config, n)
   abstract = jax.eval_shape(init)
   state_sharding = sharding.param_shardings(abstract, mesh)

@@ -27,16 +27,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import storage
-from echo_jax import checkpointing
+from echo_jax import checkpointing, embed
 from echo_jax.diarization import pipeline
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
-from echo_jax.model import HOP, EchoModel, build_model
+from echo_jax.model import HOP, EchoModel, build_model, clip_samples
 
 _log = logging.getLogger(__name__)
 
@@ -57,47 +56,22 @@ class StageCheckpoint:
   workdir: str
 
 
-def _latest_step(manager: ocp.CheckpointManager, workdir: str) -> int:
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(
-        f"No checkpoint in {workdir}/checkpoints. Train stage 2 there first "
-        "(python -m echo_jax.main --config=experiments/stage2_speaker.py:cpu"
-        f" --workdir={workdir}).")
-  return step
-
-
 def load_stage_checkpoint(workdir: str) -> StageCheckpoint:
   """Model rebuilt from the saved config + the latest step's online params."""
-  directory = os.path.join(workdir, "checkpoints")
-  manager = checkpointing.make_manager(directory, read_only=True)
-  try:
-    step = _latest_step(manager, workdir)
-    config_dict = manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
-    config = ml_collections.ConfigDict(config_dict)
-    heads = tuple(config.model.heads)
-    missing = [h for h in REQUIRED_HEADS if h not in heads]
-    if missing:
-      raise ValueError(
-          f"{workdir} (step {step}, stage {config.get('stage', '?')!r}) has no"
-          f" {missing} head(s); its heads are {list(heads)}. Diarization needs"
-          f" {list(REQUIRED_HEADS)}: use a stage-2 (speaker) or later workdir.")
-    saved = manager.item_metadata(step)["state"]
-    num_classes = 0
-    if "arcface" in heads:
-      num_classes = int(
-          saved["params"]["heads"]["arcface"]["class_weights"].shape[0])
-    model = build_model(config, num_classes)
-    # Restore on one device whatever mesh wrote it; only params are kept.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        saved)
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-  finally:
-    manager.close()
+  state, config_dict, step = checkpointing.load_state(workdir)
+  config = ml_collections.ConfigDict(config_dict)
+  heads = tuple(config.model.heads)
+  missing = [h for h in REQUIRED_HEADS if h not in heads]
+  if missing:
+    raise ValueError(
+        f"{workdir} (step {step}, stage {config.get('stage', '?')!r}) has no"
+        f" {missing} head(s); its heads are {list(heads)}. Diarization needs"
+        f" {list(REQUIRED_HEADS)}: use a stage-2 (speaker) or later workdir.")
+  num_classes = 0
+  if "arcface" in heads:
+    num_classes = int(
+        state["params"]["heads"]["arcface"]["class_weights"].shape[0])
+  model = build_model(config, num_classes)
   num_samples = clip_samples(config)
   expected = jax.eval_shape(
       functools.partial(model.init, num_samples=num_samples),
@@ -113,33 +87,11 @@ def load_stage_model(workdir: str) -> tuple[EchoModel, dict]:
   return ckpt.model, ckpt.params
 
 
-def clip_samples(config) -> int:
-  """Training clip length in samples (the model's native input length)."""
-  return int(round(config.data.clip_seconds * manifest_lib.SAMPLE_RATE))
-
-
-def _window_embeddings(model: EchoModel, params: dict, waves: jax.Array
-                       ) -> jax.Array:
-  """[B, S] -> [B, D] speaker embeddings, pooled over the whole window."""
-  feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
-  return model.speaker_embedding(params, feats)
-
-
 def _token_speech_probs(model: EchoModel, params: dict, waves: jax.Array
                         ) -> jax.Array:
   """[B, S] -> [B, T] per-token speech probabilities."""
   feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
   return jax.nn.sigmoid(model.activity_logits(params, feats).astype(jnp.float32))
-
-
-def _run_batched(fn, params: dict, rows: np.ndarray, batch: int) -> np.ndarray:
-  """`fn(params, [batch, S])` over rows [R, S], last batch zero-padded."""
-  out = []
-  for i in range(0, len(rows), batch):
-    chunk = rows[i:i + batch]
-    padded = np.pad(chunk, ((0, batch - len(chunk)), (0, 0)))
-    out.append(np.asarray(fn(params, padded))[:len(chunk)])
-  return np.concatenate(out)
 
 
 class EchoDiarizer:
@@ -172,7 +124,7 @@ class EchoDiarizer:
     self.plda = plda
     self.chunk_samples = int(chunk_samples)
     self.chunk_batch = int(chunk_batch)
-    self._embed = jax.jit(functools.partial(_window_embeddings, model))
+    self._embed = embed.jit_with_model(embed.speaker_embeddings, model)
     self._speech = jax.jit(functools.partial(_token_speech_probs, model))
     self.workdir: str | None = None
     self.step: int | None = None
@@ -210,8 +162,8 @@ class EchoDiarizer:
                        f" than one token ({HOP * self.model.patch_frames}).")
     if len(windows) == 0:
       return np.zeros((0, self.model.speaker.embed_dim), np.float32)
-    return _run_batched(self._embed, self.params, windows,
-                        self.cfg.batch_windows)
+    return embed.batched(lambda w: self._embed(self.params, w), windows,
+                         batch_size=self.cfg.batch_windows)
 
   def speech_activity(self, waveform: np.ndarray) -> np.ndarray:
     """[N] float32 16 kHz -> [N // 160] speech probabilities at 10 ms.
@@ -236,7 +188,8 @@ class EchoDiarizer:
       starts = np.append(starts, starts[-1] + hop)
     padded = np.pad(waveform, (0, max(0, starts[-1] + chunk - len(waveform))))
     rows = np.stack([padded[s:s + chunk] for s in starts])
-    tokens = _run_batched(self._speech, self.params, rows, self.chunk_batch)
+    tokens = embed.batched(lambda w: self._speech(self.params, w), rows,
+                           batch_size=self.chunk_batch)
     chunk_frames = chunk // HOP
     frame_probs = np.repeat(tokens, self.model.patch_frames, axis=1)
     frame_probs = np.pad(

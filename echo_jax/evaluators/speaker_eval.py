@@ -62,7 +62,7 @@ class SpeakerEvaluator:
   def _layer_metrics(self, encoder_params, prefix: str) -> dict:
     layers = embed.batched(
         lambda w, n: self._pooled_layers(encoder_params, w, n), self.waves,
-        self.lengths, self.batch_size, axis=1)
+        self.lengths, batch_size=self.batch_size, axis=1)
     results = {}
     for layer, emb in enumerate(layers):
       results.update(self._report(emb, f"{prefix}_L{layer}"))
@@ -76,8 +76,8 @@ class SpeakerEvaluator:
     results = self._layer_metrics(state["target"], "target")
     if "speaker" in state["params"]["heads"]:
       emb = embed.batched(
-          lambda w, n: self._speaker_embeddings(state["params"], w, n),
-          self.waves, self.lengths, self.batch_size)
+          lambda w: self._speaker_embeddings(state["params"], w), self.waves,
+          batch_size=self.batch_size)
       results.update(self._report(emb, "projection"))
     if self.random_floor:
       results.update(self.random_floor)
