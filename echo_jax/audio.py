@@ -82,3 +82,25 @@ def normalize_log_mel(x: jax.Array, mean: float, std: float) -> jax.Array:
     raise ValueError(f"normalize_log_mel needs std > 0; found {std}. "
                      "Set config's log-mel std to a positive constant.")
   return (x - mean) / std
+
+
+def random_equalizer_db(rng: jax.Array, batch: int, n_mels: int,
+                        max_db: float, order: int = 4) -> jax.Array:
+  """Smooth random gain curves over the mel axis, in dB: `[batch, 1, n_mels]`.
+
+  Each curve is a cosine series of `order` terms (DC excluded: level is not a
+  channel trait we need to model) with coefficients uniform in +-max_db/order,
+  so |curve| <= max_db. It imitates a channel's tone colouring (microphone,
+  room, codec), which is broad across frequency and changes between sessions,
+  unlike a speaker's formants.
+  """
+  k = jnp.arange(1, order + 1, dtype=jnp.float32)[:, None]
+  basis = jnp.cos(jnp.pi * k * jnp.linspace(0.0, 1.0, n_mels)[None, :])
+  coef = jax.random.uniform(rng, (batch, order), jnp.float32,
+                            -max_db / order, max_db / order)
+  return (coef @ basis)[:, None, :]
+
+
+def db_to_log_power(db: jax.Array | float) -> jax.Array | float:
+  """A power gain in dB as a natural-log offset (log_mel's units)."""
+  return db * (np.log(10.0) / 10.0)

@@ -1,7 +1,8 @@
 """A stage's training loss: the weighted sum of the terms its config turns on.
 
 Terms: `jepa` (masked latent prediction, every stage keeps it on so earlier
-skills are not forgotten), `speaker` (ArcFace on pooled RWSE features) and
+skills are not forgotten), `crop` (clip-level JEPA across disjoint halves, for
+speaker information in pooled embeddings), `speaker` (ArcFace on pooled RWSE features) and
 `activity` (frame speech/non-speech, used by blind diarization).
 """
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from echo_jax import audio
 from echo_jax.model import EchoModel, token_activity
 from echo_jax.objectives import arcface, jepa
 
@@ -36,6 +38,17 @@ def stage_loss(model: EchoModel, objective, params: dict, target: dict,
         mask_fraction=o.mask_fraction, span_tokens=tuple(o.span_tokens),
         loss_kind=o.loss, target_layers=o.target_layers,
         sigreg_weight=o.sigreg_weight, sigreg_directions=o.sigreg_directions)
+    total += o.weight * loss
+    metrics.update(m)
+  if objective.crop.weight > 0:
+    o = objective.crop
+    crop_rng, eq_rng = jax.random.split(jax.random.fold_in(rng, 1))
+    colouring = audio.db_to_log_power(audio.random_equalizer_db(
+        eq_rng, mel.shape[0], mel.shape[-1], o.equalizer_db)) / model.mel_std
+    loss, m = jepa.cross_crop_loss(
+        model.encoder, params["encoder"], target, mel, crop_rng,
+        sigreg_weight=o.sigreg_weight, context_offset=colouring,
+        sigreg_directions=objective.jepa.sigreg_directions)
     total += o.weight * loss
     metrics.update(m)
   if objective.speaker.weight > 0 or objective.activity.weight > 0:

@@ -49,6 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 span_tokens=(10,),     # 200 ms at 20 ms tokens.
                 loss="smooth_l1", target_layers=4,
                 sigreg_weight=0.0, sigreg_directions=256),
+      # Clip-level JEPA: a half's pooled embedding predicts the other half's
+      # (see jepa.cross_crop_loss); the context half gets a random +-6 dB
+      # smooth equaliser, a generic channel change.
+      crop=dict(weight=1.0, sigreg_weight=0.05, equalizer_db=6.0),
       speaker=dict(weight=0.0, scale=30.0, margin=0.2, margin_ramp_steps=1),
       activity=dict(weight=0.0))
 

@@ -22,7 +22,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ArcFace label. Activity still varies: clips sit at random onsets.
     c.data.p_mixture = 0.0
     c.model.heads = ("rwse", "speaker", "arcface", "activity")
-    c.objective.jepa.weight = 0.5          # Keep the JEPA skill alive.
+    c.objective.jepa.weight = 0.5          # Keep the JEPA skill alive,
+    c.objective.crop.weight = 0.5          # both of its terms.
     c.objective.speaker.update(weight=1.0, scale=30.0, margin=0.2,
                                margin_ramp_steps=20_000)
     c.objective.activity.weight = 0.1      # Speech activity for diarization.

@@ -73,3 +73,17 @@ def test_normalize_log_mel():
                              [[-1.0, 1.0]])
   with pytest.raises(ValueError, match="std"):
     audio.normalize_log_mel(x, 0.0, 0.0)
+
+
+def test_random_equalizer_is_smooth_bounded_and_varied():
+  curves = np.asarray(audio.random_equalizer_db(jax.random.key(0), 64, 80,
+                                                max_db=6.0))
+  assert curves.shape == (64, 1, 80)
+  assert np.abs(curves).max() <= 6.0 + 1e-5
+  assert np.abs(curves).max() > 2.0          # Not degenerate.
+  assert np.std(curves[:, 0, 0]) > 0.5        # Differs between examples.
+  # Smooth: a 4-term cosine series moves little between neighbouring bins.
+  assert np.abs(np.diff(curves, axis=-1)).max() < 6.0 * np.pi * 4 / 79
+  np.testing.assert_allclose(audio.db_to_log_power(10.0), np.log(10.0))
+  zero = audio.random_equalizer_db(jax.random.key(0), 2, 80, max_db=0.0)
+  assert not np.any(np.asarray(zero))

@@ -165,3 +165,49 @@ def test_jepa_loss_trains_on_a_fixed_batch():
     losses.append(float(loss))
   # Fixed batch, fixed masks, fixed targets: plain regression must go down.
   assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_crop_halves_are_disjoint_and_swapped_per_example():
+  mel = jnp.arange(2 * 9 * 1, dtype=jnp.float32).reshape(2, 9, 1)
+  for seed in range(8):
+    a, b = jepa.crop_halves(mel, jax.random.key(seed))
+    assert a.shape == b.shape == (2, 4, 1)
+    for i in range(2):
+      first, second = np.asarray(mel[i, :4]), np.asarray(mel[i, 5:])
+      pair = (np.asarray(a[i]), np.asarray(b[i]))
+      assert ((np.array_equal(pair[0], first) and np.array_equal(pair[1], second))
+              or (np.array_equal(pair[0], second)
+                  and np.array_equal(pair[1], first)))
+  swapped = [bool(jnp.array_equal(jepa.crop_halves(mel, jax.random.key(s))[0][0],
+                                  mel[0, 5:])) for s in range(32)]
+  assert 0 < sum(swapped) < 32  # Both orders occur.
+
+
+def test_cross_crop_loss_closed_form_and_gradients():
+  params = jax.jit(_init)(jax.random.normal(jax.random.key(2), (4, 40, 16)))
+  encoder_params = params["encoder"]
+  half = jax.random.normal(jax.random.key(4), (4, 20, 16))
+  rng = jax.random.key(5)
+  # Identical halves and target == online: the prediction term is exactly 0.
+  loss, metrics = jepa.cross_crop_loss(
+      ENCODER, encoder_params, encoder_params,
+      jnp.concatenate([half, half], 1), rng, sigreg_weight=0.0)
+  assert float(metrics["crop/loss"]) < 1e-10
+  # Different halves: mean squared difference of the pooled final embeddings.
+  other = jax.random.normal(jax.random.key(6), (4, 20, 16))
+  mel = jnp.concatenate([half, other], 1)
+  loss, metrics = jepa.cross_crop_loss(ENCODER, encoder_params, encoder_params,
+                                       mel, rng, sigreg_weight=0.5)
+  pooled = lambda m: ENCODER.apply({"params": encoder_params}, m)["final"].mean(1)
+  a, b = jepa.crop_halves(mel, jax.random.split(rng)[0])
+  np.testing.assert_allclose(metrics["crop/loss"],
+                             np.mean(np.square(pooled(a) - pooled(b))),
+                             rtol=1e-5)
+  np.testing.assert_allclose(
+      loss, metrics["crop/loss"] + 0.5 * metrics["crop/sigreg"], rtol=1e-6)
+  grads, target_grads = jax.grad(
+      lambda p, t: jepa.cross_crop_loss(ENCODER, p, t, mel, rng,
+                                        sigreg_weight=0.5)[0],
+      argnums=(0, 1))(encoder_params, encoder_params)
+  assert np.abs(np.asarray(grads["patch_embed"]["kernel"])).max() > 0
+  assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(target_grads))

@@ -1,7 +1,8 @@
 """JEPA objective: predict the EMA target encoder's latents at masked spans.
 
 Pieces: data2vec layer-averaged targets, smooth-L1/L2 regression at masked
-tokens, optional SIGReg (LeJEPA) on pooled context embeddings, collapse
+tokens, optional SIGReg (LeJEPA) on pooled context embeddings, a clip-level
+cross-crop prediction term (pooled embeddings of disjoint halves), collapse
 watches (feature std, RankMe effective rank), and the EMA target update.
 """
 
@@ -106,6 +107,53 @@ def effective_rank(x: jax.Array, eps: float = 1e-7) -> jax.Array:
     singular = jnp.linalg.svd(x, compute_uv=False)
   p = singular / (jnp.sum(singular) + eps) + eps
   return jnp.exp(-jnp.sum(p * jnp.log(p)))
+
+
+def crop_halves(mel: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Splits `[batch, frames, mels]` into two disjoint halves in time; each
+  example's halves are swapped with probability 1/2, so neither side is
+  always the earlier one."""
+  half = mel.shape[1] // 2
+  first, second = mel[:, :half], mel[:, mel.shape[1] - half:]
+  swap = jax.random.bernoulli(rng, 0.5, (mel.shape[0], 1, 1))
+  return jnp.where(swap, second, first), jnp.where(swap, first, second)
+
+
+def cross_crop_loss(encoder: Encoder, encoder_params: PyTree,
+                    target_params: PyTree, mel: jax.Array, rng: jax.Array, *,
+                    sigreg_weight: float, sigreg_directions: int = 256,
+                    context_offset: jax.Array | float = 0.0
+                    ) -> tuple[jax.Array, dict]:
+  """Clip-level JEPA: the pooled context embedding of one half of a clip
+  predicts the pooled EMA-target embedding of the other, disjoint half.
+
+  The halves share the speaker but not the content, so this term puts
+  clip-invariant information (who is speaking) in the pooled embedding;
+  token-level JEPA alone left content the larger share of the pooled variance,
+  and k-NN speaker ID below a random encoder's. A random channel colouring on
+  the context half (`context_offset`) keeps the recording channel, which the
+  halves also share, from standing in for the speaker. A mixture's halves may
+  hold different speakers; that noise is accepted to keep one code path.
+  SIGReg on the context embeddings keeps them from collapsing to a constant
+  (LeJEPA pairs its view-prediction term with it the same way).
+
+  Args:
+    context_offset: added to the context half's log-mel (e.g. a random
+      channel colouring `[batch, 1, mels]`), so the pooled embedding has to
+      become invariant to it.
+  """
+  split_rng, sigreg_rng = jax.random.split(rng)
+  context_mel, target_mel = crop_halves(mel, split_rng)
+  context = encoder.apply({"params": encoder_params},
+                          context_mel + context_offset)["final"].mean(1)
+  target = jax.lax.stop_gradient(encoder.apply(
+      {"params": target_params}, target_mel)["final"].mean(1))
+  prediction = jnp.mean(jnp.square(context - target))
+  sig = sigreg(context, sigreg_rng, sigreg_directions)
+  total = prediction + sigreg_weight * sig
+  return total, {"crop/loss": prediction, "crop/sigreg": sig,
+                 "crop/total": total,
+                 "crop/context_std": feature_std(jax.lax.stop_gradient(context))}
 
 
 def jepa_loss(encoder: Encoder,
