@@ -70,7 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                               random_floor=True))
 
   if variant == "cpu":
-    c.total_steps = 1200
+    # Held-out k-NN top-1 / EER of the target encoder (random init: 93.3% /
+    # 16.3%): 93.3% / 11.3% after 1200 steps, 95.0% / 9.8% after 2000
+    # (2026-11-22, see the stage-1 issue note).
+    c.total_steps = 2000
     c.log_every = 25
     c.data.update(batch_size=32, num_workers=0, clip_seconds=3.0)
     c.model.update(compute_dtype="float32", rwse_heads=4)
@@ -83,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.objective.jepa.update(span_tokens=(5,), sigreg_weight=0.02)
     c.optim.update(warmup_steps=100)
     c.checkpoint.every = 200
-    c.evals.speaker.update(every=400, seconds=3.0, batch_size=32)
+    c.evals.speaker.update(every=500, seconds=3.0, batch_size=32)
   elif variant == "smoke":
     c.total_steps = 6
     c.log_every = 2
