@@ -87,3 +87,13 @@ def test_random_equalizer_is_smooth_bounded_and_varied():
   np.testing.assert_allclose(audio.db_to_log_power(10.0), np.log(10.0))
   zero = audio.random_equalizer_db(jax.random.key(0), 2, 80, max_db=0.0)
   assert not np.any(np.asarray(zero))
+
+
+def test_windowed_dft_matches_numpy_rfft():
+  frame = np.random.default_rng(0).normal(size=512)
+  window = librosa.util.pad_center(
+      librosa.filters.get_window("hann", 400, fftbins=True), size=512)
+  expected = np.fft.rfft(frame * window)
+  got = frame[56:456] @ audio.windowed_dft(400, 512).astype(np.float64)
+  np.testing.assert_allclose(got[:257], expected.real, atol=1e-4)
+  np.testing.assert_allclose(got[257:], expected.imag, atol=1e-4)
