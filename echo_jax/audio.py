@@ -81,7 +81,6 @@ def log_mel(waveform: jax.Array,
   num_frames = num_samples // hop
   waveform = waveform.astype(jnp.float32)
   padded = jnp.pad(waveform, ((0, 0), (pad, pad)), mode="reflect")
-  # Static gather indices [frames, n_fft]: frame t is padded[t*hop + 0..n_fft).
   # Static gather indices [frames, win_length]: the window's support inside
   # frame t, i.e. padded[t*hop + offset + 0..win_length).
   offset = (n_fft - win_length) // 2

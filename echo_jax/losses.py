@@ -2,8 +2,8 @@
 
 Terms: `jepa` (masked latent prediction, every stage keeps it on so earlier
 skills are not forgotten), `crop` (clip-level JEPA across disjoint halves, for
-speaker information in pooled embeddings), `speaker` (ArcFace on pooled RWSE features) and
-`activity` (frame speech/non-speech, used by blind diarization).
+speaker information in pooled embeddings), `speaker` (ArcFace on pooled RWSE
+features) and `activity` (frame speech/non-speech, used by blind diarization).
 """
 
 from __future__ import annotations

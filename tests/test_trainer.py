@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from echo_jax import checkpointing, losses, sharding, trainer
+from echo_jax.model import build_model, clip_samples
 from experiments import stage1_jepa
 from smoke_configs import smoke
 
@@ -153,7 +154,6 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
 
 
 def test_stage_loss_adds_the_cross_crop_term():
-  from echo_jax.model import build_model, clip_samples
   config = smoke_config(**{"objective.crop.weight": 0.7})
   model = build_model(config)
   num_samples = clip_samples(config)

@@ -47,8 +47,7 @@ def fill_short_pauses(activity: np.ndarray, max_pause_frames: int
                       ) -> np.ndarray:
   """[K, F] activity with each row's inner inactive runs shorter than
   `max_pause_frames` set active (leading/trailing silence is kept)."""
-  filled = np.asarray(activity) > 0.5
-  filled = filled.copy()
+  filled = np.asarray(activity) > 0.5  # A new array: the input is not touched.
   for row in filled:
     edges = np.diff(np.concatenate([[1], row.astype(np.int8), [1]]))
     starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
