@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
-SAMPLE_RATE = 16_000  # Everything stored is 16 kHz mono.
+from data_pipelines.framing import SAMPLE_RATE  # Everything stored is 16 kHz mono.
 TRAIN, HELDOUT = "train", "heldout"
 
 

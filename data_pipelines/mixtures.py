@@ -36,6 +36,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from data_pipelines import framing
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import phonemes as phonemes_lib
 from data_pipelines import storage
@@ -53,13 +54,11 @@ class MixtureConfig:
   p_mixture: float = 1.0      # Else a single-speaker clip (K=1, full length).
   gain_db: float = 5.0        # Per-source gain drawn in [-gain_db, +gain_db].
   peak: float = 0.9           # Mixture peak limit (mixture and sources scaled).
-  hop: int = 160              # Frame hop of activity/phonemes (10 ms).
   min_source_seconds: float = 1.0  # Shortest crop placed in a mixture.
   target_level_db: float = -25.0   # RMS over active frames before the gain.
   activity_rel_db: float = -35.0   # Active: frame energy above loudest - 35 dB,
   activity_floor_db: float = -60.0  # and above this absolute level (raw crop).
   max_skips: int = 50         # Unusable draws tolerated per example.
-  sample_rate: int = manifest_lib.SAMPLE_RATE
 
   def __post_init__(self):
     if not 0 <= self.k_min <= self.k_max or self.k_max < 1:
@@ -73,6 +72,10 @@ class MixtureConfig:
     if not 0 < self.min_source_samples <= self.num_samples:
       raise ValueError(f"min_source_seconds={self.min_source_seconds} must be "
                        f"in (0, clip_seconds={self.clip_seconds}].")
+
+  # Fixed by the storage format and the model's frames, so not settable.
+  sample_rate = framing.SAMPLE_RATE
+  hop = framing.HOP
 
   @property
   def num_samples(self) -> int:

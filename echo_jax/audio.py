@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import librosa
 import numpy as np
 
+from data_pipelines import framing
+
 # Floor inside the log: -13.8 for silence; small enough not to clip speech
 # (typical mel power of normalised speech is 1e-4..1e2) and it keeps log finite.
 LOG_EPS = 1e-6
@@ -49,10 +51,10 @@ def windowed_dft(win_length: int, n_fft: int) -> np.ndarray:
 
 def log_mel(waveform: jax.Array,
             *,
-            sample_rate: int = 16000,
+            sample_rate: int = framing.SAMPLE_RATE,
             n_fft: int = 512,
             win_length: int = 400,
-            hop: int = 160,
+            hop: int = framing.HOP,
             n_mels: int = 80) -> jax.Array:
   """Log-mel spectrogram `[batch, samples] -> [batch, samples // hop, n_mels]`.
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import storage
-from echo_jax.model import HOP, EchoModel
+from data_pipelines.framing import HOP
+from echo_jax.model import EchoModel
 
 
 def load_clips(manifest_path: str, utterances: Sequence[manifest_lib.Utterance],

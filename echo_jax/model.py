@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines.manifest import SAMPLE_RATE
+from data_pipelines.framing import HOP, SAMPLE_RATE
 from echo_jax import audio
 from echo_jax.models import heads as heads_lib
 from echo_jax.models.rwse import RWSE
@@ -23,7 +23,6 @@ from echo_jax.objectives import arcface
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 KNOWN_HEADS = ("rwse", "speaker", "arcface", "activity")
-HOP = 160  # 10 ms at 16 kHz: mel frames line up with the data stream's activity frames.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,8 @@ import soundfile
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import storage
 from echo_jax import embed, sharding, trainer
-from echo_jax.diarization import echo_backend, rttm, scoring
+from echo_jax import diarizer as diarizer_lib
+from echo_jax.diarization import rttm, scoring
 from echo_jax.evaluators import diarization_eval
 from experiments import stage1_jepa, stage2_speaker
 from tools import diarize as diarize_tool
@@ -44,7 +45,7 @@ def workdirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def diarizer(workdirs):
-  d = echo_backend.EchoDiarizer.from_workdir(workdirs[1])
+  d = diarizer_lib.EchoDiarizer.from_workdir(workdirs[1])
   d.load_or_fit_plda()
   return d
 
@@ -70,15 +71,15 @@ def _check_segments(segments, duration, file_id):
 
 def test_load_stage_model(workdirs):
   stage1, stage2 = workdirs
-  model, params = echo_backend.load_stage_model(stage2)
+  model, params = diarizer_lib.load_stage_model(stage2)
   assert set(params["heads"]) == {"rwse", "speaker", "arcface", "activity"}
   # The tiny corpus has 6 train speakers: the ArcFace classes.
   assert params["heads"]["arcface"]["class_weights"].shape == (
       6, model.speaker.embed_dim)
   with pytest.raises(ValueError, match="stage-2"):
-    echo_backend.load_stage_model(stage1)
+    diarizer_lib.load_stage_model(stage1)
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    echo_backend.load_stage_model(os.path.join(stage1, "nowhere"))
+    diarizer_lib.load_stage_model(os.path.join(stage1, "nowhere"))
 
 
 def test_embed_windows_batches_and_matches_model(diarizer):
@@ -122,10 +123,10 @@ def test_speech_activity_shapes(diarizer, num_samples):
 
 
 def test_plda_is_saved_and_reused(diarizer, workdirs):
-  path = os.path.join(workdirs[1], echo_backend.PLDA_FILE)
+  path = os.path.join(workdirs[1], diarizer_lib.PLDA_FILE)
   assert os.path.exists(path)
   mtime = os.stat(path).st_mtime_ns
-  again = echo_backend.EchoDiarizer.from_workdir(workdirs[1])
+  again = diarizer_lib.EchoDiarizer.from_workdir(workdirs[1])
   plda = again.load_or_fit_plda()
   assert os.stat(path).st_mtime_ns == mtime  # Loaded, not refitted.
   np.testing.assert_array_equal(plda.phi, diarizer.plda.phi)

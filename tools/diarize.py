@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from echo_jax.diarization import echo_backend  # noqa: E402
+from echo_jax import diarizer as diarizer_lib  # noqa: E402
 from echo_jax.diarization import pipeline  # noqa: E402
 from echo_jax.diarization import rttm  # noqa: E402
 
@@ -78,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   ids: dict[str, str] = {}
   for path in args.files:
-    file_id = echo_backend.file_id_of(path)
+    file_id = diarizer_lib.file_id_of(path)
     if file_id in ids and ids[file_id] != path:
       raise SystemExit(
           f"{path} and {ids[file_id]} would both write {file_id}.rttm; rename"
           " one or diarize them in separate runs.")
     ids[file_id] = path
 
-  diarizer = echo_backend.EchoDiarizer.from_workdir(
+  diarizer = diarizer_lib.EchoDiarizer.from_workdir(
       args.workdir, cfg=config_from_args(args))
   if args.refit_plda:
     diarizer.fit_plda(args.plda_manifest)

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from echo_jax.diarization import echo_backend  # noqa: E402
+from echo_jax import diarizer as diarizer_lib  # noqa: E402
 from echo_jax.evaluators import diarization_eval  # noqa: E402
 from tools import diarize as diarize_tool  # noqa: E402
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
   diarize_tool.add_config_flags(parser)
   args = parser.parse_args(argv)
 
-  diarizer = echo_backend.EchoDiarizer.from_workdir(
+  diarizer = diarizer_lib.EchoDiarizer.from_workdir(
       args.workdir, cfg=diarize_tool.config_from_args(args))
   manifest = args.manifest or diarizer.train_manifest
   if not manifest:

@@ -23,13 +23,12 @@ import numpy as np
 import scipy.ndimage
 import soundfile
 
+# Speech-activity frames and output resolution: the shared 10 ms hop.
+from data_pipelines.framing import FRAME_SECONDS, SAMPLE_RATE
+from data_pipelines.framing import HOP as _SAMPLES_PER_FRAME
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
 from echo_jax.diarization import vbx as vbx_lib
-
-SAMPLE_RATE = 16_000
-FRAME_SECONDS = 0.01  # Speech-activity frames and output resolution.
-_SAMPLES_PER_FRAME = int(SAMPLE_RATE * FRAME_SECONDS)
 
 
 @dataclasses.dataclass

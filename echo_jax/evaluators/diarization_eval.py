@@ -26,7 +26,7 @@ import numpy as np
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
 from data_pipelines import storage
-from echo_jax.diarization import echo_backend
+from echo_jax import diarizer as diarizer_lib
 from echo_jax.diarization import pipeline
 from echo_jax.diarization import rttm
 from echo_jax.diarization import scoring
@@ -78,7 +78,7 @@ def _summary(results: dict) -> dict:
   return {k: v for k, v in results.items() if k != "per_file"}
 
 
-def evaluate_blind_der(diarizer: echo_backend.EchoDiarizer,
+def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
                        manifest_path: str, *, num_mixtures: int,
                        seconds: float, k_min: int = 1, k_max: int = 3,
                        seed: int = 0, out_dir: str | None = None) -> dict:
@@ -226,13 +226,13 @@ class DiarizationEvaluator:
     self.chunk_samples = int(round(config.chunk_seconds
                                    * manifest_lib.SAMPLE_RATE))
     self.model = model
-    self._diarizer: echo_backend.EchoDiarizer | None = None
+    self._diarizer: diarizer_lib.EchoDiarizer | None = None
 
   def run(self, model: EchoModel, state: dict) -> dict[str, float]:
     params = state["params"]
     if self._diarizer is None or self._diarizer.model is not model:
       # Built once: its jitted functions take params as an argument.
-      self._diarizer = echo_backend.EchoDiarizer(
+      self._diarizer = diarizer_lib.EchoDiarizer(
           model, params, chunk_samples=self.chunk_samples, cfg=self.cfg)
     diarizer = self._diarizer
     diarizer.params = params

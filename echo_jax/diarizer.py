@@ -35,7 +35,8 @@ from echo_jax import checkpointing, embed
 from echo_jax.diarization import pipeline
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
-from echo_jax.model import HOP, EchoModel, build_model, clip_samples
+from data_pipelines.framing import HOP
+from echo_jax.model import EchoModel, build_model, clip_samples
 
 _log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class EchoDiarizer:
   @property
   def window_samples(self) -> int:
     return int(round(self.cfg.window_seconds / pipeline.FRAME_SECONDS)
-               ) * pipeline._SAMPLES_PER_FRAME
+               ) * HOP
 
   def embed_windows(self, windows: np.ndarray) -> np.ndarray:
     """[W, S] float32 16 kHz windows -> [W, D] speaker embeddings."""
