@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import time
 
 import jax
@@ -21,7 +20,9 @@ import optax
 
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
-from echo_jax import checkpointing, losses, metric_writer, optimizer, sharding
+from echo_jax import checkpointing, losses, metric_writer, optimizer
+from echo_jax import preemption as preemption_lib
+from echo_jax import sharding
 from echo_jax.evaluators import registry as eval_registry
 from echo_jax.model import EchoModel, build_model, clip_samples, param_count
 from echo_jax.objectives import jepa
@@ -116,34 +117,6 @@ def make_train_step(model: EchoModel, config):
   return train_step
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag; the loop saves and stops cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. a notebook worker).
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    if self.requested:  # A second SIGTERM (e.g. a hung step): die now.
-      signal.signal(signal.SIGTERM, signal.SIG_DFL)
-      os.kill(os.getpid(), signal.SIGTERM)
-      return
-    logging.warning("SIGTERM: saving a checkpoint and stopping (send it "
-                    "again to stop at once).")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str,
           mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains `config.total_steps` steps in `workdir`; returns final metrics."""
@@ -199,7 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   step = start_step
   tick, tick_step = time.time(), step
   try:
-    with _Preemption() as preemption:
+    with preemption_lib.Preemption() as preemption:
       while step < config.total_steps:
         batch = sharding.global_batch(next(data_iterator), mesh)
         state, metrics = train_step(state, batch)
@@ -219,14 +192,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           metrics["perf/examples_per_s"] = rate * config.data.batch_size
           tick, tick_step = now, step
         writer.write(step, metrics)
+        stop = preemption.should_stop(step)
         checkpointing.save(manager, step, state, data_iterator, config_dict,
-                           force=preemption.requested)
+                           force=stop)
         for evaluator in evaluators:
           if step % evaluator.every == 0 or step == config.total_steps:
             results = evaluator.run(model, state)
             writer.write(step, results, console=True)
             metrics.update(results)
-        if preemption.requested:
+        if stop:
           logging.warning("Stopped at step %d after SIGTERM.", step)
           break
     if step == config.total_steps:
