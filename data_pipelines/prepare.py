@@ -1,15 +1,18 @@
 """Corpus preparation: a VoxCeleb2-layout audio tree -> packed 16 kHz shards.
 
-This is the only place that scans directories or decodes compressed audio.
-`<src>/<speaker>/<session>/<utt>.<ext>` files are decoded (PyAV for AAC/MP4/
-MP3, soundfile for WAV/FLAC/OGG), downmixed to mono, resampled to 16 kHz with
-soxr and stored as int16 in shards (`storage.write_shard`), one shard per chunk
-of `chunk_size` files. Training then reads `<out_dir>/manifest.tsv` only.
+This is the only place that scans corpus directories.
+`<src>/<speaker>/<session>/<utt>.<ext>` files are read with the one audio
+reader (`audio_io.read_audio`: PyAV for AAC/MP4/MP3, soundfile for WAV/FLAC/
+OGG, downmixed to mono, resampled to 16 kHz with soxr, NaN/Inf refused,
+samples beyond [-1, 1] peak-normalised rather than clipped) and stored as int16
+in shards (`storage.write_shard`), one shard per chunk of `chunk_size` files.
+Training then reads `<out_dir>/manifest.tsv` only.
 
 Output folder:
   manifest.tsv          one row per stored utterance (`manifest.write_manifest`)
   skipped.tsv           path, reason, detail of every file left out
-  prepare_info.json     the arguments and the report of the last run
+  prepare_info.json     the arguments, the report of the last run and the
+                        files peak-normalised (`rescaled`: path, peak)
   shards/chunk_*.npy    int16 samples
   parts/chunk_*.tsv     per-chunk manifests; parts/chunk_*.json marks a chunk done
   alignments/<spk>/<session>/<utt>.phn.tsv   copied phoneme tracks
@@ -17,6 +20,10 @@ Output folder:
 Resumable: chunks are cut from the sorted file list, so a chunk's content is a
 function of the source tree; a finished chunk (its `.json` marker, written last,
 holds a fingerprint of its files and settings) is reused on a rerun.
+
+Symlinked folders are followed, each real folder and file once (a symlink loop
+or a second link to a scanned folder adds nothing). With `num_workers` > 1 the
+decoding processes die with the preparing process, `kill -9` included.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -31,35 +39,42 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from collections.abc import Collection, Sequence
 
 import numpy as np
 import tqdm
 
+from data_pipelines import audio_io
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import storage
 
 log = logging.getLogger(__name__)
 
-# Decoder per extension: compressed containers go through PyAV (FFmpeg), since
-# libsndfile (and so soundfile/librosa) cannot read AAC.
-PYAV_EXTS = frozenset({".m4a", ".aac", ".mp4", ".mp3"})
-SOUNDFILE_EXTS = frozenset({".wav", ".flac", ".ogg"})
-AUDIO_EXTS = PYAV_EXTS | SOUNDFILE_EXTS
+# The one audio reader's decoders and extensions (`audio_io`).
+PYAV_EXTS = audio_io.PYAV_EXTS
+SOUNDFILE_EXTS = audio_io.SOUNDFILE_EXTS
+AUDIO_EXTS = audio_io.AUDIO_EXTS
 ALIGNMENT_SUFFIX = ".phn.tsv"
 
 # Skip reasons (the `reason` column of skipped.tsv and keys of report.skipped).
 BAD_LAYOUT = "bad_layout"            # Not at <speaker>/<session>/<utt>.<ext>.
-DUPLICATE = "duplicate_utt_id"       # Same <speaker>/<session>/<stem> twice.
-UNREADABLE = "unreadable"            # Decoder error: corrupt, truncated, ...
-NO_AUDIO_STREAM = "no_audio_stream"  # A container without an audio stream.
-EMPTY = "empty"                      # Zero bytes or zero samples.
+DUPLICATE = "duplicate_utt_id"       # Same <speaker>/<session>/<stem> twice,
+                                     # or a second link to the same real file.
+UNREADABLE = audio_io.UNREADABLE     # Decoder error: corrupt, truncated, ...
+NO_AUDIO_STREAM = audio_io.NO_AUDIO_STREAM  # A container without audio.
+EMPTY = audio_io.EMPTY               # Zero bytes or zero samples.
 TOO_SHORT = "too_short"              # Under min_seconds.
-NON_FINITE = "non_finite"            # NaN or Inf samples.
+NON_FINITE = audio_io.NON_FINITE     # NaN or Inf samples.
 SILENT = "silent"                    # All zero once stored as int16.
 BAD_ALIGNMENT = "bad_alignment"      # A .phn.tsv next to it that does not parse.
 
-FORMAT_VERSION = 1  # Bump when the stored bytes of a chunk would change.
+# Bump when the stored bytes of a chunk would change. 2: samples beyond
+# [-1, 1] are peak-normalised instead of clipped.
+FORMAT_VERSION = 2
 _SHARD_DIR, _PART_DIR, _ALIGN_DIR = "shards", "parts", "alignments"
 MANIFEST_NAME, SKIPPED_NAME, INFO_NAME = (
     "manifest.tsv", "skipped.tsv", "prepare_info.json")
@@ -79,12 +94,14 @@ class PrepareReport:
   num_chunks: int = 0
   num_chunks_reused: int = 0  # Finished by an earlier run and kept.
   skipped_path: str = ""
+  num_rescaled: int = 0  # Written files peak-normalised (beyond [-1, 1]).
 
   def summary(self) -> str:
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
     return (
         f"{self.num_written}/{self.num_files} files written "
-        f"({self.hours:.2f} h, {self.num_converted} downmixed/resampled), "
+        f"({self.hours:.2f} h, {self.num_converted} downmixed/resampled, "
+        f"{self.num_rescaled} peak-normalised), "
         f"{self.num_speakers} speakers ({self.num_heldout_speakers} held out), "
         f"{self.num_chunks} chunks ({self.num_chunks_reused} reused); "
         f"skipped {sum(self.skipped.values())}"
@@ -111,12 +128,8 @@ class Skip:
   detail: str = ""
 
 
-class BadAudio(Exception):
-  """A file that cannot be stored; `reason` is one of the skip reasons."""
-
-  def __init__(self, reason: str, detail: str = ""):
-    super().__init__(f"{reason}: {detail}")
-    self.reason, self.detail = reason, detail
+# A file that cannot be stored; `reason` is one of the skip reasons.
+BadAudio = audio_io.BadAudio
 
 
 def _split_ext(name: str) -> tuple[str, str]:
@@ -127,99 +140,76 @@ def _split_ext(name: str) -> tuple[str, str]:
 def scan_corpus(src_root: str) -> tuple[list[SourceFile], list[Skip]]:
   """Sorted audio files of a `<speaker>/<session>/<utt>.<ext>` tree.
 
-  Returns (files, skips): audio files at another depth and second files with
-  an already seen utt id (e.g. `a.wav` next to `a.m4a`) are skipped.
+  Returns (files, skips): audio files at another depth, second files with an
+  already seen utt id (e.g. `a.wav` next to `a.m4a`) and second links to an
+  already seen real file are skipped. Symlinked folders are followed, each
+  real folder once: a symlink loop, or a second link to a scanned folder, is
+  not descended into (logged).
   """
   if not os.path.isdir(src_root):
     raise FileNotFoundError(
         f"Source folder {src_root!r} does not exist; expected a VoxCeleb2-layout"
         " tree <src>/<speaker>/<session>/<utt>.m4a (or .wav/.flac/...).")
   paths = []
+  visited = {os.path.realpath(src_root)}
   # followlinks: corpora are often assembled from symlinked speaker folders.
   for dirpath, dirnames, filenames in os.walk(src_root, followlinks=True):
     dirnames.sort()
+    keep = []
+    for name in dirnames:
+      real = os.path.realpath(os.path.join(dirpath, name))
+      if real in visited:
+        log.warning("Not scanning %s again: it is %s, already scanned "
+                    "(symlink loop or second link).",
+                    os.path.join(dirpath, name), real)
+        continue
+      visited.add(real)
+      keep.append(name)
+    dirnames[:] = keep
     paths += [os.path.join(dirpath, f) for f in filenames
               if _split_ext(f)[1] in AUDIO_EXTS]
   paths.sort()
-  files, skips, seen = [], [], set()
+  files, skips, seen, seen_real = [], [], set(), {}
   for path in paths:
     parts = os.path.relpath(path, src_root).split(os.sep)
     if len(parts) != 3:
       skips.append(Skip(path, BAD_LAYOUT, "expected <speaker>/<session>/<utt>"))
       continue
     f = SourceFile(path, parts[0], parts[1], _split_ext(parts[2])[0])
+    try:
+      st = os.stat(path)
+    except OSError as e:  # A dangling symlink, a file gone meanwhile, ...
+      skips.append(Skip(path, UNREADABLE, f"{type(e).__name__}: {e}"))
+      continue
+    real = (st.st_dev, st.st_ino)  # One stat; links and hard links alike.
     if f.utt_id in seen:
       skips.append(Skip(path, DUPLICATE, f.utt_id))
       continue
+    if real in seen_real:
+      skips.append(Skip(path, DUPLICATE, f"same file as {seen_real[real]}"))
+      continue
     seen.add(f.utt_id)
+    seen_real[real] = path
     files.append(f)
   return files, skips
 
 
-def _decode_pyav(path: str) -> tuple[np.ndarray, int]:
-  """-> (float32 `[channels, time]`, sample rate) through FFmpeg."""
-  import av  # Deferred: only compressed inputs need FFmpeg.
-  with av.open(path) as container:
-    if not container.streams.audio:
-      raise BadAudio(NO_AUDIO_STREAM, f"streams: {list(container.streams)}")
-    stream = container.streams.audio[0]
-    # Converts only the sample format (s16, fltp, ...) to planar float; layout
-    # and rate are kept so downmix and resampling are ours (soxr), not swr's.
-    resampler = av.AudioResampler(format="fltp")
-    blocks, rate = [], stream.rate
-    for frame in container.decode(stream):
-      rate = frame.sample_rate
-      blocks += [f.to_ndarray() for f in resampler.resample(frame)]
-    blocks += [f.to_ndarray() for f in resampler.resample(None)]
-  if not blocks:
-    raise BadAudio(EMPTY, "no decoded frames")
-  return np.concatenate(blocks, axis=1), rate
-
-
-def _decode_soundfile(path: str) -> tuple[np.ndarray, int]:
-  """-> (float32 `[channels, time]`, sample rate) through libsndfile."""
-  import soundfile
-  audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
-  return audio.T, rate
-
-
 def load_audio(path: str, min_seconds: float = 1.0
-               ) -> tuple[np.ndarray, bool]:
-  """Decodes one file to 16 kHz mono int16 `[time]`.
+               ) -> tuple[np.ndarray, audio_io.Audio]:
+  """Reads one file (`audio_io.read_audio`) as 16 kHz mono int16 `[time]`.
 
-  Returns (samples, converted), converted meaning it was downmixed and/or
-  resampled. Raises `BadAudio` with a skip reason for anything not storable.
+  Returns (samples, how it was read: `converted`, `rescaled`, ...). Raises
+  `BadAudio` with a skip reason for anything not storable: undecodable, empty,
+  non-finite (from `read_audio`), shorter than `min_seconds`, or silent.
   """
-  if os.path.getsize(path) == 0:
-    raise BadAudio(EMPTY, "0 bytes")
-  decode = _decode_pyav if _split_ext(path)[1] in PYAV_EXTS else _decode_soundfile
-  try:
-    audio, rate = decode(path)
-  except BadAudio:
-    raise
-  except Exception as e:  # noqa: BLE001
-    # Decoders raise many types for damaged files (FFmpeg InvalidDataError,
-    # LibsndfileError, EOFError, ...); one bad file must not stop a
-    # million-file run, and the reason is kept in skipped.tsv.
-    raise BadAudio(UNREADABLE, f"{type(e).__name__}: {e}") from e
-  if audio.size == 0:
-    raise BadAudio(EMPTY, "0 samples")
-  if not np.isfinite(audio).all():
-    raise BadAudio(NON_FINITE, "NaN or Inf samples")
-  converted = audio.shape[0] > 1 or rate != manifest_lib.SAMPLE_RATE
-  mono = audio.mean(axis=0)
-  if rate != manifest_lib.SAMPLE_RATE:
-    import librosa  # Deferred: heavy import, and 16 kHz inputs never need it.
-    mono = librosa.resample(mono, orig_sr=rate,
-                            target_sr=manifest_lib.SAMPLE_RATE,
-                            res_type="soxr_hq")
-  seconds = len(mono) / manifest_lib.SAMPLE_RATE
+  audio = audio_io.read_audio(path)
+  seconds = len(audio.samples) / manifest_lib.SAMPLE_RATE
   if seconds < min_seconds:
     raise BadAudio(TOO_SHORT, f"{seconds:.3f} s < {min_seconds} s")
-  samples = storage.to_int16(mono)
+  samples = storage.to_int16(audio.samples)  # Within [-1, 1]: no clipping.
   if not samples.any():
     raise BadAudio(SILENT, "all samples are 0")
-  return samples, converted
+  return samples, audio
 
 
 def _check_alignment(path: str) -> None:
@@ -286,16 +276,19 @@ def _prepare_chunk(job: _ChunkJob) -> int:
   anywhere before is redone on the next run.
   """
   shard_path, part_path, marker_path = _paths(job.out_dir, job.name)
-  samples, kept, skips, converted = [], [], [], 0
+  samples, kept, skips, converted, rescaled = [], [], [], 0, []
   for f in job.files:
     try:
-      audio, was_converted = load_audio(f.path, job.min_seconds)
+      audio, how = load_audio(f.path, job.min_seconds)
       align_src = os.path.join(os.path.dirname(f.path), f.stem + ALIGNMENT_SUFFIX)
       has_alignment = os.path.exists(align_src)
       if has_alignment:
         _check_alignment(align_src)
     except BadAudio as e:
       skips.append(Skip(f.path, e.reason, e.detail))
+      continue
+    except OSError as e:  # Gone or unreadable since the scan.
+      skips.append(Skip(f.path, UNREADABLE, f"{type(e).__name__}: {e}"))
       continue
     alignment = ""
     if has_alignment:
@@ -304,7 +297,9 @@ def _prepare_chunk(job: _ChunkJob) -> int:
       _copy_atomic(align_src, os.path.join(job.out_dir, alignment))
     samples.append(audio)
     kept.append((f, alignment))
-    converted += was_converted
+    converted += how.converted
+    if how.rescaled:
+      rescaled.append((f.path, how.peak))
   offsets = storage.write_shard(shard_path, samples)
   shard_rel = os.path.relpath(shard_path, job.out_dir)
   manifest_lib.write_manifest(part_path, [
@@ -315,6 +310,7 @@ def _prepare_chunk(job: _ChunkJob) -> int:
           source_path=f.path, alignment=alignment)
       for (f, alignment), audio, offset in zip(kept, samples, offsets)])
   marker = {"fingerprint": job.fingerprint, "num_converted": converted,
+            "rescaled": rescaled,
             "skipped": [dataclasses.astuple(s) for s in skips]}
   with open(f"{marker_path}.tmp", "w") as fp:
     json.dump(marker, fp)
@@ -366,6 +362,39 @@ def read_skipped(path: str) -> list[Skip]:
     return [Skip(**row) for row in csv.DictReader(f, delimiter="\t")]
 
 
+_PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
+
+
+def _watch_parent(parent_pid: int, period: float = 1.0) -> None:
+  while os.getppid() == parent_pid:
+    time.sleep(period)
+  os._exit(1)  # Orphaned: re-parented to init or a subreaper.
+
+
+def _die_with_parent(parent_pid: int) -> None:
+  """Pool worker initializer: the worker dies with the process that made it.
+
+  Without it a `kill -9` of the preparing process leaves its workers running
+  as orphans (they hold the task queue's write end, so never see EOF). On
+  Linux the kernel sends SIGKILL when the parent goes (PR_SET_PDEATHSIG; it
+  fires when the *thread* that spawned the worker exits: ProcessPoolExecutor
+  spawns from the submitting thread or its manager thread, both alive for as
+  long as the pool); elsewhere a thread polls the parent pid once a second.
+  """
+  armed = False
+  if sys.platform.startswith("linux"):
+    try:
+      libc = ctypes.CDLL(None, use_errno=True)
+      armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+      armed = False
+  if os.getppid() != parent_pid:  # Died before the signal was armed.
+    os._exit(1)
+  if not armed:
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                     name="watch-parent").start()
+
+
 def _run_chunks(jobs: Sequence[_ChunkJob], num_workers: int,
                 bar: tqdm.tqdm) -> None:
   if num_workers <= 1:
@@ -374,7 +403,9 @@ def _run_chunks(jobs: Sequence[_ChunkJob], num_workers: int,
     return
   # spawn, not fork: the parent may hold JAX/XLA threads, which fork breaks.
   ctx = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as ex:
+  with concurrent.futures.ProcessPoolExecutor(
+      num_workers, mp_context=ctx, initializer=_die_with_parent,
+      initargs=(os.getpid(),)) as ex:
     futures = [ex.submit(_prepare_chunk, job) for job in jobs]
     try:
       for future in concurrent.futures.as_completed(futures):
@@ -444,13 +475,14 @@ def prepare_corpus(src_root: str, out_dir: str, *,
     _run_chunks(todo, num_workers, bar)
 
   # Merge: parts in chunk order, then the speaker-disjoint split.
-  utterances, skips, converted = [], list(scan_skips), 0
+  utterances, skips, converted, rescaled = [], list(scan_skips), 0, []
   for job in jobs:
     _, part_path, marker_path = _paths(out_dir, job.name)
     utterances += manifest_lib.read_manifest(part_path)
     with open(marker_path) as f:
       marker = json.load(f)
     converted += marker["num_converted"]
+    rescaled += [tuple(row) for row in marker.get("rescaled", [])]
     skips += [Skip(*row) for row in marker["skipped"]]
   speakers = manifest_lib.speakers_of(utterances)
   heldout = choose_heldout(speakers, heldout_speakers, heldout_fraction, seed)
@@ -470,18 +502,25 @@ def prepare_corpus(src_root: str, out_dir: str, *,
       hours=sum(u.duration for u in utterances) / 3600,
       manifest_path=manifest_path, num_speakers=len(speakers),
       num_heldout_speakers=len(heldout), num_chunks=len(jobs),
-      num_chunks_reused=num_reused, skipped_path=skipped_path)
+      num_chunks_reused=num_reused, skipped_path=skipped_path,
+      num_rescaled=len(rescaled))
   info = {"src_root": src_root,
           "heldout_speakers": sorted(heldout_speakers)
           if heldout_speakers is not None else None,
           "heldout_fraction": heldout_fraction, "seed": seed,
           "min_seconds": min_seconds, "chunk_size": chunk_size,
-          "report": dataclasses.asdict(report)}
+          "report": dataclasses.asdict(report),
+          "rescaled": [list(row) for row in rescaled]}
   with open(os.path.join(out_dir, f"{INFO_NAME}.tmp"), "w") as f:
     json.dump(info, f, indent=1)
   os.replace(os.path.join(out_dir, f"{INFO_NAME}.tmp"),
              os.path.join(out_dir, INFO_NAME))
   log.info("Prepared %s: %s", src_root, report.summary())
+  if rescaled:
+    log.warning("%d files had samples beyond [-1, 1] and were peak-normalised "
+                "(not clipped), e.g. %s (peak %.4g); all are listed under "
+                "\"rescaled\" in %s.", len(rescaled), rescaled[0][0],
+                rescaled[0][1], os.path.join(out_dir, INFO_NAME))
   if not utterances:
     log.warning("No audio was written; see %s.", skipped_path)
   return report

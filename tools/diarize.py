@@ -1,10 +1,14 @@
 r"""Blind diarization of audio files with a stage-2 (or later) Echo checkpoint.
 
   python tools/diarize.py --workdir runs/cpu/stage2 --out rttm_dir \
-      a.wav b.flac ... [--Fb 17 --loop_prob 0.99 --activity_threshold 0.5 ...]
+      a.wav b.m4a folder/ ... [--Fb 17 --loop_prob 0.99 ...]
 
-Any soundfile-readable file (wav, flac, ogg), any sample rate and channel
-count (downmixed, resampled to 16 kHz). Writes `<out>/<name>.rttm` per file
+Audio is read as corpus preparation reads it (`data_pipelines.audio_io`):
+wav, flac, ogg, m4a/aac/mp4, mp3, any sample rate and channel count
+(downmixed, resampled to 16 kHz); a file with NaN/Inf samples fails with its
+name, one with samples beyond [-1, 1] is peak-normalised (with a warning). A
+folder stands for the audio files directly inside it (not its subfolders).
+Writes `<out>/<name>.rttm` per file
 (name: file name without extension). The PLDA back-end is loaded from
 `<workdir>/plda.npz`, or fitted on the checkpoint's training corpus (train
 speakers) and saved there. Files that fail are logged, skipped and counted;
@@ -21,6 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data_pipelines import audio_io  # noqa: E402
 from echo_jax import diarizer as diarizer_lib  # noqa: E402
 from echo_jax.diarization import pipeline  # noqa: E402
 from echo_jax.diarization import rttm  # noqa: E402
@@ -62,9 +67,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       " (default: the checkpoint's training corpus)")
   parser.add_argument("--refit_plda", action="store_true",
                       help="fit the PLDA even if plda.npz matches")
-  parser.add_argument("files", nargs="+", help="audio files")
+  parser.add_argument("files", nargs="+",
+                      help="audio files, or folders of audio files")
   add_config_flags(parser)
   return parser.parse_args(argv)
+
+
+def expand_inputs(paths: list[str]) -> tuple[list[str], list[str]]:
+  """(audio files, errors): a folder stands for the audio files directly in
+  it (sorted); a folder without any is an error naming it."""
+  files, errors = [], []
+  for path in paths:
+    if not os.path.isdir(path):
+      files.append(path)
+      continue
+    found = sorted(
+        os.path.join(path, name) for name in os.listdir(path)
+        if audio_io.extension(name) in audio_io.AUDIO_EXTS
+        and os.path.isfile(os.path.join(path, name)))
+    if not found:
+      errors.append(
+          f"{path} is a folder with no audio files directly inside "
+          f"({', '.join(sorted(audio_io.AUDIO_EXTS))}); pass audio files, or "
+          "folders that hold them (subfolders are not searched).")
+    else:
+      _log.info("%s: %d audio files.", path, len(found))
+    files += found
+  return files, errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
   for name in (__name__, "echo_jax"):
     logging.getLogger(name).setLevel(logging.INFO)
   args = parse_args(argv)
+  files, input_errors = expand_inputs(args.files)
+  for error in input_errors:
+    _log.error("Skipped %s", error)
   ids: dict[str, str] = {}
-  for path in args.files:
+  for path in files:
     file_id = diarizer_lib.file_id_of(path)
     if file_id in ids and ids[file_id] != path:
       raise SystemExit(
@@ -93,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     diarizer.load_or_fit_plda(args.plda_manifest)
   os.makedirs(args.out, exist_ok=True)
 
-  failed = 0
+  failed = len(input_errors)
   for file_id, path in ids.items():
     try:
       segments = diarizer.diarize_file(path, file_id)
@@ -106,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     rttm.write_rttm(out_path, segments)
     _log.info("%s: %d segments, %d speakers -> %s", path, len(segments),
                  len({s.speaker for s in segments}), out_path)
-  _log.info("Diarized %d of %d files; %d failed.", len(ids) - failed,
-               len(ids), failed)
+  _log.info("Diarized %d of %d inputs; %d failed.",
+            len(ids) + len(input_errors) - failed,
+            len(ids) + len(input_errors), failed)
   return failed
 
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import librosa
 import numpy as np
 import scipy.ndimage
-import soundfile
 
+from data_pipelines import audio_io
 # Speech-activity frames and output resolution: the shared 10 ms hop.
 from data_pipelines.framing import FRAME_SECONDS, SAMPLE_RATE
 from data_pipelines.framing import HOP as _SAMPLES_PER_FRAME
@@ -53,12 +52,14 @@ def fit_plda(embeddings: np.ndarray, labels: np.ndarray,
 
 
 def load_audio(path: str) -> np.ndarray:
-  """Any soundfile-readable file (wav, flac, ...) -> [N] float32 16 kHz mono."""
-  audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
-  audio = audio.mean(axis=1)
-  if rate != SAMPLE_RATE and len(audio):
-    audio = librosa.resample(audio, orig_sr=rate, target_sr=SAMPLE_RATE)
-  return np.ascontiguousarray(audio, dtype=np.float32)
+  """Any audio file (wav, flac, ogg, m4a, mp3, ...) -> [N] float32 16 kHz mono.
+
+  The one audio reader (`data_pipelines.audio_io.read_audio`, as corpus
+  preparation uses): NaN/Inf samples raise `BadAudio` (a ValueError naming the
+  file) rather than blanking the speech around them; samples beyond [-1, 1]
+  are peak-normalised, with a warning.
+  """
+  return audio_io.read_audio(path).samples
 
 
 def speech_regions(probs: np.ndarray, cfg: DiarizationConfig
