@@ -18,7 +18,9 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from echo_jax import sharding as sharding_lib
 from echo_jax.optimizer import param_path
 
 ITEMS = ("state", "data", "config")
@@ -120,13 +122,22 @@ def restore_trees(directory: str, trees: Sequence[str], abstract_state: Mapping,
     check_same_tree(want, got, what=f"init_from {directory}",
                     prefix=f"{tree}/")
     selected[tree] = want
-  # Restore everything saved, each leaf with this run's sharding where we use
-  # it and replicated elsewhere, then keep the selected trees.
-  full = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+  # Read only the selected trees, with this run's shardings: orbax's partial
+  # restore skips every other leaf, the previous stage's optimizer moments
+  # included. (The standard handler restores whole trees only; the PyTree
+  # handler reads the same files.)
+  subset: dict = {}
   for tree, want in selected.items():
-    set_subtree(full, tree, want)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(full)))["state"]
+    *parents, last = tree.split("/")
+    node = subset
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = want
+  path = epath.Path(manager.directory) / str(step) / "state"
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=subset, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(subset)))
   logging.info("init_from: restored %s from %s (step %d).", list(trees),
                directory, step)
   return {tree: _subtree(restored, tree) for tree in trees}
@@ -154,20 +165,30 @@ def set_subtree(tree: dict, path: str, value) -> None:
   tree[last] = value
 
 
-def load_state(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
+def load_state(workdir: str, step: int | None = None, *,
+               mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[dict, dict, int]:
   """(raw state dict, config dict, step) of a run's checkpoint, for probes,
-  export and diarization. Arrays come back on one device, whatever mesh (or
-  number of devices) wrote them."""
+  export and diarization. Arrays come back sharded over `mesh` (FSDP rule) or
+  on one device, whatever mesh (or number of devices) wrote them."""
   manager = make_manager(os.path.join(workdir, "checkpoints"), read_only=True)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train "
                               "the stage first.")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"No step {step} in {workdir}/checkpoints; "
+                              f"saved steps: {sorted(manager.all_steps())}.")
+    saved = _saved_tree(manager, step)
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda m: device, saved)
+    else:
+      shardings = sharding_lib.param_shardings(saved, mesh)
     abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        _saved_tree(manager, step))
+        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+        saved, shardings)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
         config=ocp.args.JsonRestore()))

@@ -16,7 +16,7 @@ memory is bounded and one compilation serves every recording length.
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import functools
 import json
 import logging
@@ -25,18 +25,18 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
 
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import storage
-from echo_jax import checkpointing, embed
+from data_pipelines import stream
+from data_pipelines.framing import HOP
+from echo_jax import embed, inference
 from echo_jax.diarization import pipeline
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
-from data_pipelines.framing import HOP
-from echo_jax.model import EchoModel, build_model, clip_samples
+from echo_jax.model import EchoModel
 
 _log = logging.getLogger(__name__)
 
@@ -47,52 +47,32 @@ PLDA_FILE = "plda.npz"
 _PLDA_RECIPE_VERSION = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class StageCheckpoint:
-  """What `load_stage_checkpoint` read: model, online params, config, step."""
-  model: EchoModel
-  params: dict
-  config: ml_collections.ConfigDict
-  step: int
-  workdir: str
+def load_stage_model(workdir: str, step: int | None = None
+                     ) -> tuple[EchoModel, dict]:
+  """(EchoModel, online params) of a checkpoint that can diarize."""
+  loaded = _load_for_diarization(workdir, step)
+  return loaded.model, loaded.params
 
 
-def load_stage_checkpoint(workdir: str) -> StageCheckpoint:
-  """Model rebuilt from the saved config + the latest step's online params."""
-  state, config_dict, step = checkpointing.load_state(workdir)
-  config = ml_collections.ConfigDict(config_dict)
-  heads = tuple(config.model.heads)
-  missing = [h for h in REQUIRED_HEADS if h not in heads]
+def _load_for_diarization(workdir: str, step: int | None = None
+                          ) -> inference.Loaded:
+  loaded = inference.load(workdir, step=step)
+  missing = [h for h in REQUIRED_HEADS if h not in loaded.model.heads]
   if missing:
     raise ValueError(
-        f"{workdir} (step {step}, stage {config.get('stage', '?')!r}) has no"
-        f" {missing} head(s); its heads are {list(heads)}. Diarization needs"
-        f" {list(REQUIRED_HEADS)}: use a stage-2 (speaker) or later workdir.")
-  num_classes = 0
-  if "arcface" in heads:
-    num_classes = int(
-        state["params"]["heads"]["arcface"]["class_weights"].shape[0])
-  model = build_model(config, num_classes)
-  num_samples = clip_samples(config)
-  expected = jax.eval_shape(
-      functools.partial(model.init, num_samples=num_samples),
-      jax.random.PRNGKey(0))
-  checkpointing.check_same_tree(expected, state["params"],
-                                what=f"Loading {workdir} step {step}")
-  return StageCheckpoint(model, state["params"], config, int(step), workdir)
-
-
-def load_stage_model(workdir: str) -> tuple[EchoModel, dict]:
-  """(EchoModel, online params) of the latest checkpoint in `workdir`."""
-  ckpt = load_stage_checkpoint(workdir)
-  return ckpt.model, ckpt.params
+        f"{workdir} (step {loaded.step}, stage "
+        f"{loaded.config.get('stage', '?')!r}) has no {missing} head(s); its "
+        f"heads are {list(loaded.model.heads)}. Diarization needs "
+        f"{list(REQUIRED_HEADS)}: use a stage-2 (speaker) or later workdir.")
+  return loaded
 
 
 def _token_speech_probs(model: EchoModel, params: dict, waves: jax.Array
                         ) -> jax.Array:
   """[B, S] -> [B, T] per-token speech probabilities."""
   feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
-  return jax.nn.sigmoid(model.activity_logits(params, feats).astype(jnp.float32))
+  logits = model.apply_head("activity", params, feats)[..., 0]
+  return jax.nn.sigmoid(logits.astype(jnp.float32))
 
 
 class EchoDiarizer:
@@ -136,16 +116,15 @@ class EchoDiarizer:
                    cfg: pipeline.DiarizationConfig | None = None
                    ) -> "EchoDiarizer":
     """Diarizer of the latest checkpoint in `workdir` (PLDA not yet fitted)."""
-    ckpt = load_stage_checkpoint(workdir)
-    diarizer = cls(ckpt.model, ckpt.params,
-                   chunk_samples=clip_samples(ckpt.config), cfg=cfg)
-    diarizer.workdir, diarizer.step = workdir, ckpt.step
-    from echo_jax import trainer  # Heavy import, only to find the corpus.
+    loaded = _load_for_diarization(workdir)
+    diarizer = cls(loaded.model, loaded.params,
+                   chunk_samples=loaded.num_samples, cfg=cfg)
+    diarizer.workdir, diarizer.step = workdir, loaded.step
     try:
-      diarizer.train_manifest = trainer.resolve_manifest(ckpt.config.data)
+      diarizer.train_manifest = stream.resolve_manifest(loaded.config.data)
     except FileNotFoundError as e:
       _log.warning("Training manifest of %s not found (%s); pass a manifest"
-                      " to fit_plda.", workdir, e)
+                   " to fit_plda.", workdir, e)
     return diarizer
 
   @property
@@ -162,7 +141,7 @@ class EchoDiarizer:
       raise ValueError(f"windows of {windows.shape[1]} samples are shorter"
                        f" than one token ({HOP * self.model.patch_frames}).")
     if len(windows) == 0:
-      return np.zeros((0, self.model.speaker.embed_dim), np.float32)
+      return np.zeros((0, self.model.speaker_dim), np.float32)
     return embed.batched(lambda w: self._embed(self.params, w), windows,
                          batch_size=self.cfg.batch_windows)
 
@@ -302,9 +281,16 @@ def file_id_of(path: str) -> str:
 def plda_windows(manifest_path: str, window_samples: int, *,
                  split: str = manifest_lib.TRAIN,
                  windows_per_utterance: int = 3,
-                 max_utterances_per_speaker: int | None = None, seed: int = 0
+                 max_utterances_per_speaker: int | None = None, seed: int = 0,
+                 skips: collections.Counter | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
-  """Windows [M, window_samples] and speaker labels [M] from `split`."""
+  """Windows [M, window_samples] and speaker labels [M] from `split`.
+
+  An utterance whose shard is missing, truncated or corrupt gives no window:
+  it is logged (`storage.read_or_skip`: one line naming it, its shard and the
+  reason) and counted by reason in `skips`; the other utterances' windows
+  are the same as without it. Raises only if fewer than 2 speakers remain.
+  """
   utts = [u for u in manifest_lib.read_manifest(manifest_path)
           if u.split == split]
   per_speaker: dict[str, list[manifest_lib.Utterance]] = {}
@@ -318,16 +304,38 @@ def plda_windows(manifest_path: str, window_samples: int, *,
       for u in per_speaker[spk][:max_utterances_per_speaker]]
   store = storage.AudioStore(manifest_path)
   rng = np.random.default_rng(seed)
+  skipped: collections.Counter = collections.Counter()
   windows, labels = [], []
   for u in chosen:
     if u.num_samples <= window_samples:
+      crops = [(0, u.num_samples)]
+    else:  # Drawn before reading: a skip leaves the others' windows as is.
+      crops = [(int(start), window_samples) for start in rng.integers(
+          0, u.num_samples - window_samples + 1, size=windows_per_utterance)]
+    got = []
+    for start, length in crops:
+      audio, _ = storage.read_or_skip(store, u, start, length, skips=skipped,
+                                      context="PLDA windows")
+      if audio is None:
+        break
       w = np.zeros(window_samples, np.float32)
-      w[:u.num_samples] = store.read(u, 0, u.num_samples)
-      windows.append(w)
-      labels.append(u.speaker)
-      continue
-    for start in rng.integers(0, u.num_samples - window_samples + 1,
-                              size=windows_per_utterance):
-      windows.append(store.read(u, int(start), window_samples))
-      labels.append(u.speaker)
+      w[:length] = audio
+      got.append(w)
+    else:
+      windows += got
+      labels += [u.speaker] * len(got)
+  if skips is not None:
+    skips.update(skipped)
+  num_skipped = sum(skipped.values())
+  if num_skipped:
+    _log.warning("PLDA windows: left out %d of %d utterances of %s (%s).",
+                 num_skipped, len(chosen), manifest_path,
+                 storage.skip_summary(skipped))
+  if len(set(labels)) < 2:
+    raise ValueError(
+        f"PLDA needs >= 2 speakers of split {split!r} in {manifest_path};"
+        f" {len(set(labels))} remain after leaving out {num_skipped}"
+        f" unreadable utterances ({storage.skip_summary(skipped)}; the files"
+        " are named in the warnings above). Re-prepare the corpus"
+        " (tools/prepare_corpus.py) or restore its shards.")
   return np.stack(windows).astype(np.float32), np.array(labels)

@@ -3,8 +3,10 @@ speaker embeddings, in fixed-size batches so one jit serves any corpus."""
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,20 +18,37 @@ from data_pipelines.framing import HOP
 from echo_jax.model import EchoModel
 
 
-def load_clips(manifest_path: str, utterances: Sequence[manifest_lib.Utterance],
-               num_samples: int) -> tuple[np.ndarray, np.ndarray]:
-  """First `num_samples` of each utterance, zero-padded.
+class Clips(NamedTuple):
+  """What `load_clips` read: row i of `waves`/`lengths` is `utterances[i]`."""
+  waves: np.ndarray    # [U', num_samples] float32, zero-padded.
+  lengths: np.ndarray  # [U'] int32 valid samples.
+  utterances: tuple[manifest_lib.Utterance, ...]  # The U' read, in order.
 
-  Returns (waves [U, num_samples] float32, valid samples [U] int32).
+
+def load_clips(manifest_path: str, utterances: Sequence[manifest_lib.Utterance],
+               num_samples: int, *, skips: collections.Counter | None = None,
+               context: str = "load_clips") -> Clips:
+  """First `num_samples` of each readable utterance, zero-padded.
+
+  An utterance whose shard is missing, truncated or corrupt is left out
+  (`storage.read_or_skip`: one warning line naming it, its shard file and the
+  reason) and counted by reason in `skips`; the others are returned with the
+  utterances they hold, so callers keep their labels aligned.
   """
   store = storage.AudioStore(manifest_path)
   waves = np.zeros((len(utterances), num_samples), np.float32)
   lengths = np.zeros(len(utterances), np.int32)
-  for i, utt in enumerate(utterances):
+  kept = []
+  for utt in utterances:
     n = min(num_samples, utt.num_samples)
-    waves[i, :n] = store.read(utt, 0, n)
-    lengths[i] = n
-  return waves, lengths
+    audio, _ = storage.read_or_skip(store, utt, 0, n, skips=skips,
+                                    context=context)
+    if audio is None:
+      continue
+    waves[len(kept), :n] = audio
+    lengths[len(kept)] = n
+    kept.append(utt)
+  return Clips(waves[:len(kept)], lengths[:len(kept)], tuple(kept))
 
 
 def token_mask(model: EchoModel, lengths: jax.Array, num_samples: int
@@ -54,11 +73,14 @@ def pooled_layers(model: EchoModel, encoder_params: dict, waves: jax.Array,
   return _masked_mean(hidden, token_mask(model, lengths, waves.shape[-1]))
 
 
-def speaker_embeddings(model: EchoModel, params: dict, waves: jax.Array
-                       ) -> jax.Array:
-  """Stage-2 speaker projection [B, D] (pooling over the whole clip)."""
+def speaker_embeddings(model: EchoModel, params: dict, waves: jax.Array,
+                       lengths: jax.Array | None = None) -> jax.Array:
+  """Speaker projection [B, D]; tokens past `lengths` (zero padding of a short
+  utterance) are masked out of the pooling. None: every token is audio."""
   feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
-  return model.speaker_embedding(params, feats)
+  mask = None if lengths is None else token_mask(model, lengths,
+                                                 waves.shape[-1])
+  return model.apply_head("speaker", params, feats, mask)
 
 
 def batched(fn: Callable, *arrays: np.ndarray, batch_size: int,

@@ -1,75 +1,68 @@
-"""A stage's training loss: the weighted sum of the terms its config turns on.
+"""A stage's training loss: the weighted sum of the terms its config lists.
 
-Terms: `jepa` (masked latent prediction, every stage keeps it on so earlier
-skills are not forgotten), `crop` (clip-level JEPA across disjoint halves, for
-speaker information in pooled embeddings), `speaker` (ArcFace on pooled RWSE
-features) and `activity` (frame speech/non-speech, used by blind diarization).
+`config.objective` holds one block per term (`weight` plus the term's own
+settings); the names index `echo_jax.terms.TERMS`. A term with weight 0 is not
+computed. Each term draws from its own key, folded from its name, so adding or
+removing a term never changes another term's random draws.
 """
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
-import optax
 
-from echo_jax import audio
-from echo_jax.model import EchoModel, token_activity
-from echo_jax.objectives import arcface, jepa
+from echo_jax.terms import TERMS, StepInputs
 
 
-def stage_loss(model: EchoModel, objective, params: dict, target: dict,
-               batch: dict, rng: jax.Array, step: jax.Array
-               ) -> tuple[jax.Array, dict]:
+def active_terms(objective) -> dict:
+  """{name: (Term, its config)} of the terms with a non-zero weight."""
+  unknown = sorted(set(objective) - set(TERMS))
+  if unknown:
+    raise ValueError(f"config.objective has unknown terms {unknown}; known: "
+                     f"{sorted(TERMS)}.")
+  return {name: (TERMS[name], cfg) for name, cfg in sorted(objective.items())
+          if cfg.weight != 0}
+
+
+def check_objective(objective, heads) -> None:
+  """Fails early, naming the term, when a term's heads are not built."""
+  for name, (term, _) in active_terms(objective).items():
+    missing = [h for h in term.heads if h not in heads]
+    if missing:
+      raise ValueError(
+          f"config.objective.{name} needs heads {missing}; add them to "
+          f"config.model.heads (now {list(heads)}).")
+  if not active_terms(objective):
+    raise ValueError("config.objective has no term with a non-zero weight.")
+
+
+def batch_keys(objective) -> tuple[str, ...]:
+  """The stream entries the active terms read (sorted, no duplicates)."""
+  return tuple(sorted({k for term, _ in active_terms(objective).values()
+                       for k in term.batch_keys}))
+
+
+def term_rng(rng: jax.Array, name: str) -> jax.Array:
+  return jax.random.fold_in(rng, zlib.crc32(name.encode()))
+
+
+def stage_loss(model, objective, params: dict, target: dict, batch: dict,
+               rng: jax.Array, step: jax.Array) -> tuple[jax.Array, dict]:
   """Total loss and scalar metrics for one batch.
 
   Args:
-    objective: `config.objective` (term weights and their settings).
+    objective: `config.objective`.
     params: {'encoder', 'predictor', 'heads'}; target: EMA encoder params.
-    batch: the mixture stream's batch (`mixture` [B, N], `speakers` [B, K],
-      `activity` [B, K, F], ...).
+    batch: the stream's batch, holding at least `batch_keys(objective)`.
   """
-  mel = model.log_mel(batch["mixture"])
+  inputs = StepInputs(model, params, target, batch, step)
   total = jnp.zeros((), jnp.float32)
   metrics = {}
-  if objective.jepa.weight > 0:
-    o = objective.jepa
-    loss, m = jepa.jepa_loss(
-        model.encoder, model.predictor, params, target, mel, rng,
-        mask_fraction=o.mask_fraction, span_tokens=tuple(o.span_tokens),
-        loss_kind=o.loss, target_layers=o.target_layers,
-        sigreg_weight=o.sigreg_weight, sigreg_directions=o.sigreg_directions)
-    total += o.weight * loss
-    metrics.update(m)
-  if objective.crop.weight > 0:
-    o = objective.crop
-    crop_rng, eq_rng = jax.random.split(jax.random.fold_in(rng, 1))
-    colouring = audio.db_to_log_power(audio.random_equalizer_db(
-        eq_rng, mel.shape[0], mel.shape[-1], o.equalizer_db)) / model.mel_std
-    loss, m = jepa.cross_crop_loss(
-        model.encoder, params["encoder"], target, mel, crop_rng,
-        sigreg_weight=o.sigreg_weight, context_offset=colouring,
-        sigreg_directions=objective.jepa.sigreg_directions)
-    total += o.weight * loss
-    metrics.update(m)
-  if objective.speaker.weight > 0 or objective.activity.weight > 0:
-    feats, _ = model.features(params, params["encoder"], mel)
-    if objective.speaker.weight > 0:
-      o = objective.speaker
-      embeddings = model.speaker_embedding(params, feats)
-      margin = arcface.margin_schedule(step, ramp_steps=o.margin_ramp_steps,
-                                       max_margin=o.margin)
-      loss, m = arcface.arcface_loss(
-          embeddings, params["heads"]["arcface"]["class_weights"],
-          batch["speakers"][:, 0], scale=o.scale, margin=margin)
-      total += o.weight * loss
-      metrics.update(m)
-      metrics["arcface/margin"] = margin
-    if objective.activity.weight > 0:
-      labels = token_activity(batch["activity"], model.patch_frames)
-      logits = model.activity_logits(params, feats)
-      loss = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
-      total += objective.activity.weight * loss
-      metrics["activity/loss"] = loss
-      metrics["activity/accuracy"] = jnp.mean((logits > 0) == (labels > 0.5))
+  for name, (term, cfg) in active_terms(objective).items():
+    loss, term_metrics = term.loss(cfg, inputs, term_rng(rng, name))
+    total += cfg.weight * loss
+    metrics.update(term_metrics)
   metrics["train/loss"] = total
   return total, metrics

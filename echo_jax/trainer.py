@@ -1,8 +1,12 @@
-"""The one trainer. Stages differ only by config: loss terms, heads,
+"""The one trainer. Stages differ only by config: objective terms, heads,
 `init_from`, frozen / slowed parameter groups and evaluators.
 
 Resume order, written once here: this workdir's latest checkpoint, else the
 `init_from` trees of a previous stage, else from scratch.
+
+The host does not wait for the devices every step: metrics come to the host
+at log steps, evaluations and saves; a non-finite step freezes the state on
+device and records its step, which the host reads before any save.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import posixpath
 import time
 
 import jax
@@ -19,7 +24,7 @@ import numpy as np
 import optax
 
 from data_pipelines import manifest as manifest_lib
-from data_pipelines import mixtures
+from data_pipelines import stream
 from echo_jax import checkpointing, losses, metric_writer, optimizer
 from echo_jax import preemption as preemption_lib
 from echo_jax import sharding
@@ -28,45 +33,8 @@ from echo_jax.model import EchoModel, build_model, clip_samples, param_count
 from echo_jax.objectives import jepa
 
 
-# Batch entries the losses read; the rest of the stream's example (sources,
-# phoneme tracks) stays on the host instead of being copied to devices.
-DEVICE_KEYS = ("mixture", "speakers", "activity", "num_speakers")
-
-
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradients became NaN/Inf; the last good checkpoint is kept."""
-
-
-def resolve_manifest(data_config) -> str:
-  """The configured manifest, or the embedded default corpus (built once)."""
-  if data_config.manifest:
-    if not os.path.exists(data_config.manifest):
-      raise FileNotFoundError(
-          f"config.data.manifest={data_config.manifest} does not exist; "
-          "prepare a corpus with tools/prepare_corpus.py or leave it empty "
-          "for the embedded default corpus.")
-    return data_config.manifest
-  from data_pipelines import default_corpus  # Only needed for the default.
-  return default_corpus.ensure_default_corpus(size=data_config.corpus_size)
-
-
-def mixture_config(data_config) -> mixtures.MixtureConfig:
-  return mixtures.MixtureConfig(
-      clip_seconds=data_config.clip_seconds, k_min=data_config.k_min,
-      k_max=data_config.k_max, p_mixture=data_config.p_mixture,
-      gain_db=data_config.gain_db)
-
-
-def make_dataset(config, manifest_path: str, split: str, seed: int):
-  """This host's shard of the stream, batched to the per-host batch size."""
-  if config.data.batch_size % jax.process_count():
-    raise ValueError(f"Global batch {config.data.batch_size} does not split "
-                     f"over {jax.process_count()} hosts.")
-  return mixtures.mixture_dataset(
-      manifest_path, split, mixture_config(config.data), seed=seed,
-      batch_size=config.data.batch_size // jax.process_count(),
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
-      num_workers=config.data.num_workers, keys=DEVICE_KEYS)
 
 
 def init_state(model: EchoModel, config, num_samples: int) -> dict:
@@ -82,12 +50,18 @@ def init_state(model: EchoModel, config, num_samples: int) -> dict:
 
 
 def make_train_step(model: EchoModel, config):
-  """`train_step(state, batch) -> (state, metrics)`, pure; jit it once."""
+  """`train_step(state, batch, failed_at) -> (state, metrics, failed_at)`.
+
+  `failed_at` is an int32 scalar: 0 while every step was finite, else the
+  number of the first step with a non-finite loss, gradient or parameter.
+  From that step on the state is returned unchanged, so it never holds NaNs
+  and the host can check one scalar whenever it likes.
+  """
   total_steps = config.total_steps
   schedule = optimizer.lr_schedule(config)
   tx = optimizer.make_optimizer(config)
 
-  def train_step(state: dict, batch: dict):
+  def train_step(state: dict, batch: dict, failed_at: jax.Array):
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
     loss_fn = functools.partial(losses.stage_loss, model, config.objective)
@@ -102,32 +76,66 @@ def make_train_step(model: EchoModel, config):
     param_norm = optax.tree.norm(params)
     new_state = {"step": step + 1, "params": params, "target": target,
                  "opt_state": opt_state, "rng": state["rng"]}
-    # A non-finite step changes nothing, so the state never holds NaNs; the
-    # host sees the flag and stops before the next save.
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(param_norm))
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+    failed_at = jnp.where((failed_at == 0) & ~finite, step + 1, failed_at)
+    new_state = jax.tree.map(lambda new, old: jnp.where(failed_at == 0, new, old),
                              new_state, state)
     metrics.update({"train/grad_norm": grad_norm,
                     "train/param_norm": param_norm,
-                    "train/lr": schedule(step), "train/ema_momentum": momentum,
-                    "train/finite": finite.astype(jnp.float32)})
-    return new_state, metrics
+                    "train/lr": schedule(step), "train/ema_momentum": momentum})
+    return new_state, metrics, failed_at
 
   return train_step
+
+
+def jit_train_step(model: EchoModel, config, mesh: jax.sharding.Mesh,
+                   state_sharding):
+  """The train step jitted with the run's shardings; donates the state."""
+  replicated = sharding.replicated(mesh)
+  return jax.jit(
+      make_train_step(model, config),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(state_sharding, replicated, replicated),
+      donate_argnums=(0, 2))
+
+
+def resolve_init_from(pattern: str, workdir: str) -> str:
+  """`config.init_from.workdir` with `{parent}` = the parent of `workdir`."""
+  if "://" in workdir:
+    parent = posixpath.dirname(workdir.rstrip("/"))
+  else:
+    parent = os.path.dirname(os.path.abspath(workdir))
+  return pattern.format(parent=parent)
+
+
+def _check_finite(failed_at: jax.Array, metrics: dict, last_saved) -> None:
+  failed = int(jax.device_get(failed_at))
+  if failed:
+    bad = {k: float(v) for k, v in jax.device_get(metrics).items()
+           if not np.isfinite(v)}
+    raise NonFiniteLossError(
+        f"Non-finite loss, gradient or parameter at step {failed} (non-finite"
+        f" metrics now: {bad}). The state was not updated from that step on "
+        f"and the last good checkpoint (step {last_saved}) is intact. Lower "
+        "config.optim.lr, raise config.ema.start, or check the data.")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains `config.total_steps` steps in `workdir`; returns final metrics."""
   mesh = mesh or sharding.make_mesh(config.mesh)
-  manifest_path = resolve_manifest(config.data)
+  losses.check_objective(config.objective, config.model.heads)
+  manifest_path = stream.resolve_manifest(config.data)
   utterances = manifest_lib.read_manifest(manifest_path)
   num_classes = len(manifest_lib.speakers_of(utterances, manifest_lib.TRAIN))
   model = build_model(config, num_classes)
   num_samples = clip_samples(config)
 
-  dataset = make_dataset(config, manifest_path, manifest_lib.TRAIN, config.seed)
+  dataset = stream.stage_stream(
+      config.data, manifest_path, losses.batch_keys(config.objective),
+      seed=config.seed, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
   data_iterator = iter(dataset)
 
   abstract = jax.eval_shape(functools.partial(init_state, model, config,
@@ -149,20 +157,19 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     state = jax.jit(functools.partial(init_state, model, config, num_samples),
                     out_shardings=state_sharding)()
     if config.init_from.workdir:
+      source = resolve_init_from(config.init_from.workdir, workdir)
       trees = checkpointing.restore_trees(
-          os.path.join(config.init_from.workdir, "checkpoints"),
-          config.init_from.trees, abstract)
+          os.path.join(source, "checkpoints"), config.init_from.trees,
+          abstract)
       for path, tree in trees.items():
         checkpointing.set_subtree(state, path, tree)
   logging.info("Params: encoder %.2fM, predictor %.2fM, heads %.2fM.",
                *(param_count(state["params"][k]) / 1e6
                  for k in ("encoder", "predictor", "heads")))
 
-  train_step = jax.jit(
-      make_train_step(model, config),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)),
-      donate_argnums=0)
+  train_step = jit_train_step(model, config, mesh, state_sharding)
+  failed_at = jax.device_put(jnp.zeros((), jnp.int32),
+                             sharding.replicated(mesh))
   evaluators = eval_registry.build(config, model, manifest_path)
   writer = metric_writer.MetricWriter(
       workdir, config.total_steps, initial_step=start_step,
@@ -175,37 +182,33 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     with preemption_lib.Preemption() as preemption:
       while step < config.total_steps:
         batch = sharding.global_batch(next(data_iterator), mesh)
-        state, metrics = train_step(state, batch)
-        metrics = jax.device_get(metrics)
-        if not metrics.pop("train/finite"):
-          bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
-          raise NonFiniteLossError(
-              f"Non-finite values at step {step + 1}: {bad}. The state was not"
-              f" updated and the last good checkpoint "
-              f"(step {manager.latest_step()}) is intact. Lower "
-              "config.optim.lr, raise config.ema.start, or check the data.")
+        state, metrics, failed_at = train_step(state, batch, failed_at)
         step += 1
-        if step % config.log_every == 0 or step == config.total_steps:
+        last = step == config.total_steps
+        stop = preemption.should_stop(step)
+        log_now = step % config.log_every == 0 or last
+        save_now = stop or last or manager.should_save(step)
+        due = [e for e in evaluators if step % e.every == 0 or last]
+        if not (log_now or save_now or due):
+          continue  # Nothing for the host to read: dispatch the next step.
+        _check_finite(failed_at, metrics, manager.latest_step())
+        metrics = jax.device_get(metrics)
+        if log_now:
           now = time.time()
           rate = (step - tick_step) / max(now - tick, 1e-9)
           metrics["perf/steps_per_s"] = rate
           metrics["perf/examples_per_s"] = rate * config.data.batch_size
           tick, tick_step = now, step
-        writer.write(step, metrics)
-        stop = preemption.should_stop(step)
+          writer.write(step, metrics)
         checkpointing.save(manager, step, state, data_iterator, config_dict,
-                           force=stop)
-        for evaluator in evaluators:
-          if step % evaluator.every == 0 or step == config.total_steps:
-            results = evaluator.run(model, state)
-            writer.write(step, results, console=True)
-            metrics.update(results)
+                           force=stop or (last and manager.latest_step() != step))
+        for evaluator in due:
+          results = evaluator.run(model, state)
+          writer.write(step, results, console=True)
+          metrics.update(results)
         if stop:
           logging.warning("Stopped at step %d after SIGTERM.", step)
           break
-    if step == config.total_steps:
-      checkpointing.save(manager, step, state, data_iterator, config_dict,
-                         force=manager.latest_step() != step)
   finally:
     manager.wait_until_finished()
     manager.close()

@@ -1,5 +1,6 @@
 """Smoke configs for tests: a stage's `smoke` variant with overrides given as
-dotted keys, evaluators off unless a test asks for them."""
+dotted keys, evaluators off unless a test asks for them, and metrics logged
+every step (tests compare per-step losses)."""
 
 
 def smoke(get_config, **overrides):
@@ -8,6 +9,7 @@ def smoke(get_config, **overrides):
   with config.unlocked():
     config.evals = {}
     config.progress = False
+    config.log_every = 1
     for key, value in overrides.items():
       node = config
       *parents, last = key.split(".")

@@ -75,7 +75,7 @@ def test_load_stage_model(workdirs):
   assert set(params["heads"]) == {"rwse", "speaker", "arcface", "activity"}
   # The tiny corpus has 6 train speakers: the ArcFace classes.
   assert params["heads"]["arcface"]["class_weights"].shape == (
-      6, model.speaker.embed_dim)
+      6, model.speaker_dim)
   with pytest.raises(ValueError, match="stage-2"):
     diarizer_lib.load_stage_model(stage1)
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
@@ -88,7 +88,7 @@ def test_embed_windows_batches_and_matches_model(diarizer):
   windows = 0.1 * rng.standard_normal(
       (batch + 3, diarizer.window_samples)).astype(np.float32)
   emb = diarizer.embed_windows(windows)
-  assert emb.shape == (batch + 3, diarizer.model.speaker.embed_dim)
+  assert emb.shape == (batch + 3, diarizer.model.speaker_dim)
   # Padding rows never leak into real ones; same as the model called directly.
   direct = embed.speaker_embeddings(diarizer.model, diarizer.params,
                                     windows[-3:])
@@ -111,7 +111,7 @@ def test_speech_activity_shapes(diarizer, num_samples):
     model = diarizer.model
     feats, _ = model.features(diarizer.params, diarizer.params["encoder"],
                               model.log_mel(wave[None]))
-    tokens = jax.nn.sigmoid(model.activity_logits(diarizer.params, feats))[0]
+    tokens = jax.nn.sigmoid(model.apply_head("activity", diarizer.params, feats)[..., 0])[0]
     expected = np.repeat(np.asarray(tokens), model.patch_frames)
     np.testing.assert_allclose(probs[:len(expected)], expected, rtol=1e-5,
                                atol=1e-6)

@@ -15,19 +15,20 @@ from smoke_configs import smoke
 
 @pytest.fixture(scope="module")
 def stage1_workdir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("stage1"))
+  workdir = str(tmp_path_factory.mktemp("runs") / "stage1")
   trainer.train(smoke(stage1_jepa.get_config), workdir)
   return workdir
 
 
-def test_stage2_chains_from_stage1(stage1_workdir, tmp_path):
+def test_stage2_chains_from_stage1(stage1_workdir, monkeypatch, tmp_path):
   stage1_state, _, _ = checkpointing.load_state(stage1_workdir)
-  config = stage2_speaker.get_config("smoke")
-  with config.unlocked():
-    config.init_from.workdir = stage1_workdir
-    config.progress = False
-    config.optim.lr = 0.0  # Nothing moves: the restored trees must match.
-  workdir = str(tmp_path)
+  # Nothing moves with lr 0: the restored trees must match. The default
+  # init_from finds stage 1 beside this workdir, whatever the current dir.
+  config = smoke(stage2_speaker.get_config, **{"optim.lr": 0.0})
+  assert config.init_from.workdir == "{parent}/stage1"
+  workdir = os.path.join(os.path.dirname(stage1_workdir), "stage2")
+  monkeypatch.chdir(tmp_path)
+  config.evals = stage2_speaker.get_config("smoke").evals
   final = trainer.train(config, workdir)
 
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -55,8 +56,6 @@ def test_stage2_chains_from_stage1(stage1_workdir, tmp_path):
 
 
 def test_stage2_without_stage1_checkpoint_fails(tmp_path):
-  config = stage2_speaker.get_config("smoke")
-  with config.unlocked():
-    config.init_from.workdir = str(tmp_path / "missing_stage1")
+  config = smoke(stage2_speaker.get_config)
   with pytest.raises(FileNotFoundError, match="Run the previous stage"):
     trainer.train(config, str(tmp_path / "stage2"))

@@ -57,19 +57,29 @@ def test_sharded_equals_unsharded(tmp_path):
                              rtol=2e-4)
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (2, 4)])
+def test_resume_continues_exactly(tmp_path, mesh_shape):
+  def mesh():
+    data, fsdp = mesh_shape
+    return sharding.make_mesh({"data": data, "fsdp": fsdp},
+                              devices=jax.devices()[:data * fsdp])
   config = smoke_config(total_steps=6, **{"checkpoint.every": 3})
   workdir = str(tmp_path)
-  trainer.train(config, workdir, mesh=one_device_mesh())
+  trainer.train(config, workdir, mesh=mesh())
   uninterrupted = read_losses(workdir)
+  final, _, _ = checkpointing.load_state(workdir)
   # Simulate a crash after step 3: the step-6 checkpoint never happened.
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
   os.remove(os.path.join(workdir, "metrics.jsonl"))
-  trainer.train(config, workdir, mesh=one_device_mesh())
+  trainer.train(config, workdir, mesh=mesh())
   resumed = read_losses(workdir)
   assert sorted(resumed) == [4, 5, 6]
   np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)],
                              [uninterrupted[s] for s in (4, 5, 6)], rtol=1e-5)
+  again, _, _ = checkpointing.load_state(workdir)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               final["params"], again["params"])
 
 
 def test_init_from_mismatch_names_parameter(tmp_path):
@@ -114,6 +124,56 @@ def test_nan_stops_run_and_keeps_checkpoint(tmp_path, monkeypatch):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
 
+def test_nan_between_log_steps_is_named_and_nothing_saved(tmp_path,
+                                                          monkeypatch):
+  # Metrics reach the host every 3rd step only; step 5 goes non-finite and
+  # steps 5, 6 must not move the state; the check before the step-6 save
+  # names step 5 and the step-3 checkpoint stays the latest.
+  real_loss = losses.stage_loss
+
+  def poisoned(model, objective, params, target, batch, rng, step):
+    loss, metrics = real_loss(model, objective, params, target, batch, rng,
+                              step)
+    return jnp.where(step == 4, jnp.inf, loss), metrics
+
+  monkeypatch.setattr(losses, "stage_loss", poisoned)
+  config = smoke_config(total_steps=7, log_every=3,
+                        **{"checkpoint.every": 3})
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"at step 5 .*checkpoint \(step 3\) is intact"):
+    trainer.train(config, str(tmp_path), mesh=one_device_mesh())
+  _, _, step = checkpointing.load_state(str(tmp_path))
+  assert step == 3
+  assert sorted(read_losses(str(tmp_path))) == [3]
+
+
+def test_init_from_reads_only_the_named_trees(tmp_path, monkeypatch):
+  first = str(tmp_path / "stage_a")
+  trainer.train(smoke_config(total_steps=2), first, mesh=one_device_mesh())
+  abstract = jax.eval_shape(lambda: trainer.init_state(
+      build_model(smoke_config()), smoke_config(),
+      clip_samples(smoke_config())))
+  requested = []
+  real_restore = checkpointing.ocp.PyTreeCheckpointer.restore
+
+  def spy(self, path, args=None, **kw):
+    requested.append(args.item)
+    return real_restore(self, path, args=args, **kw)
+
+  monkeypatch.setattr(checkpointing.ocp.PyTreeCheckpointer, "restore", spy)
+  trees = checkpointing.restore_trees(
+      os.path.join(first, "checkpoints"), ("params/encoder", "target"),
+      abstract)
+  assert set(trees) == {"params/encoder", "target"}
+  # What orbax was asked to read: those two trees, no optimizer state.
+  assert len(requested) == 1
+  assert set(requested[0]) == {"params", "target"}
+  assert set(requested[0]["params"]) == {"encoder"}
+  saved, _, _ = checkpointing.load_state(first)
+  jax.tree.map(np.testing.assert_array_equal, saved["target"],
+               trees["target"])
+
+
 def test_frozen_groups_stay_and_lr_multipliers_apply(tmp_path):
   config = smoke_config(total_steps=2, **{
       "optim.lr": 3e-3, "optim.warmup_steps": 0,
@@ -148,9 +208,11 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
                       write_then_preempt)
   config = smoke_config(total_steps=6, **{"checkpoint.every": 100})
   trainer.train(config, str(tmp_path), mesh=one_device_mesh())
+  # The signal came while step 2 was logged, after that step's stop check:
+  # the next step is saved and the run stops.
   _, _, step = checkpointing.load_state(str(tmp_path))
-  assert step == 2
-  assert sorted(read_losses(str(tmp_path))) == [1, 2]
+  assert step == 3
+  assert sorted(read_losses(str(tmp_path))) == [1, 2, 3]
 
 
 def test_stage_loss_adds_the_cross_crop_term():

@@ -1,7 +1,7 @@
 r"""Training-step benchmark: step time, examples/s, tokens/s, XLA FLOPs, FLOP/s
 and that as a fraction of a matmul peak measured in the same run (MFU).
 
-  python tools/bench_step.py --config=experiments/stage1_jepa.py:canonical \
+  python -m tools.bench_step --config=experiments/stage1_jepa.py:canonical \
       --batch_size=8 --steps=5
 
 Synthetic batches (compute only; the data stream has its own benchmark,
@@ -22,7 +22,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from echo_jax import sharding, trainer
+from data_pipelines.framing import HOP
+from echo_jax import losses, sharding, trainer
 from echo_jax.model import DTYPES, build_model, clip_samples, param_count
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config.")
@@ -33,15 +34,21 @@ _PEAK_N = flags.DEFINE_integer("peak_matmul_size", 4096, "Peak matmul size.")
 
 
 def synthetic_batch(config, batch_size: int) -> dict:
+  """Random entries of the shapes the stream gives, for the keys the stage's
+  terms read."""
   rng = np.random.default_rng(0)
   n = clip_samples(config)
   k = config.data.k_max
-  frames = n // 160
-  return {
+  frames = n // HOP
+  full = {
       "mixture": (0.1 * rng.standard_normal((batch_size, n))).astype(np.float32),
+      "sources": (0.1 * rng.standard_normal((batch_size, k, n))).astype(np.float32),
       "speakers": rng.integers(0, _CLASSES.value, (batch_size, k)).astype(np.int32),
       "activity": (rng.random((batch_size, k, frames)) > 0.5).astype(np.float32),
+      "phonemes": rng.integers(-2, 40, (batch_size, k, frames)).astype(np.int32),
+      "num_speakers": np.full((batch_size,), k, np.int32),
   }
+  return {key: full[key] for key in losses.batch_keys(config.objective)}
 
 
 def matmul_peak(dtype, n: int) -> float:
@@ -69,20 +76,19 @@ def main(argv):
   state_sharding = sharding.param_shardings(abstract, mesh)
   state = jax.jit(init, out_shardings=state_sharding)()
   batch = sharding.global_batch(synthetic_batch(config, batch_size), mesh)
-  step_fn = jax.jit(trainer.make_train_step(model, config),
-                    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                    out_shardings=(state_sharding, sharding.replicated(mesh)),
-                    donate_argnums=0)
-  compiled = step_fn.lower(state, batch).compile()
+  failed_at = jax.device_put(jnp.zeros((), jnp.int32),
+                             sharding.replicated(mesh))
+  step_fn = trainer.jit_train_step(model, config, mesh, state_sharding)
+  compiled = step_fn.lower(state, batch, failed_at).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
-  state, metrics = compiled(state, batch)  # Warm-up.
+  state, metrics, failed_at = compiled(state, batch, failed_at)  # Warm-up.
   jax.block_until_ready(metrics)
   times = []
   for _ in range(_STEPS.value):
     t = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    state, metrics, failed_at = compiled(state, batch, failed_at)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_time = float(np.median(times))

@@ -1,6 +1,6 @@
 r"""Blind DER of a stage-2 (or later) Echo checkpoint on held-out mixtures.
 
-  python tools/eval_diarization.py --workdir runs/cpu/stage2 \
+  python -m tools.eval_diarization --workdir runs/cpu/stage2 \
       --num_mixtures 50 --json out.json [--out_dir eval_rttm] [--seconds 10]
 
 Mixtures of held-out speakers with unknown K in [k_min, k_max] from the
@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from echo_jax import diarizer as diarizer_lib  # noqa: E402
-from echo_jax.evaluators import diarization_eval  # noqa: E402
-from tools import diarize as diarize_tool  # noqa: E402
+from echo_jax import diarizer as diarizer_lib
+from echo_jax.evaluators import diarization_eval
+from tools import diarize as diarize_tool
 
 def main(argv: list[str] | None = None) -> dict:
   # Root at WARNING keeps orbax/JAX chatter out; ours at INFO. `force`:

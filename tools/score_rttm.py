@@ -1,6 +1,6 @@
 """Scores hypothesis RTTM(s) against reference RTTM(s): DER + count accuracy.
 
-  python tools/score_rttm.py --ref REF.rttm[,REF2.rttm] --hyp HYP.rttm \
+  python -m tools.score_rttm --ref REF.rttm[,REF2.rttm] --hyp HYP.rttm \
       [--uem ALL.uem] [--collars 0,0.25] [--json out.json]
 
 Collars are seconds on EACH side of reference boundaries. Without --uem each
@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from echo_jax.diarization import rttm  # noqa: E402
-from echo_jax.diarization import scoring  # noqa: E402
+from echo_jax.diarization import rttm
+from echo_jax.diarization import scoring
 
 
 def _read_many(paths: str) -> dict[str, list[rttm.Segment]]:

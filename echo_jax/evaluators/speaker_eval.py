@@ -8,12 +8,14 @@ one, and a randomly initialised encoder as the floor (computed once).
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import jax
 import numpy as np
 
 from data_pipelines import manifest as manifest_lib
+from data_pipelines import storage
 from echo_jax import embed
 from echo_jax.evaluators import speaker_metrics
 from echo_jax.model import EchoModel
@@ -44,8 +46,28 @@ class SpeakerEvaluator:
     self._speaker_embeddings = embed.jit_with_model(embed.speaker_embeddings,
                                                     model)
     num_samples = int(config.seconds * manifest_lib.SAMPLE_RATE)
-    self.waves, self.lengths = embed.load_clips(manifest_path, utts,
-                                                num_samples)
+    # A held-out utterance whose shard is damaged is left out (one warning
+    # line naming it, its shard and the reason), not fatal; only too few
+    # speakers left is. `skipped` / `skip_reasons` keep the count.
+    skips = collections.Counter()
+    clips = embed.load_clips(manifest_path, utts, num_samples, skips=skips,
+                             context=name)
+    self.waves, self.lengths = clips.waves, clips.lengths
+    self.skipped = sum(skips.values())
+    self.skip_reasons = dict(skips)
+    if self.skipped:
+      utts = list(clips.utterances)
+      speakers = sorted({u.speaker for u in utts})
+      logging.warning("%s: left out %d unreadable held-out utterances (%s).",
+                      name, self.skipped, storage.skip_summary(skips))
+      if len(speakers) < 2:
+        raise ValueError(
+            f"{name}: {self.skipped} held-out utterances of {manifest_path} "
+            f"are unreadable ({storage.skip_summary(skips)}; the files are "
+            f"named in the warnings above) and {len(speakers)} speakers remain;"
+            " needs >= 2. Re-prepare the corpus (tools/prepare_corpus.py) or "
+            "restore its shards.")
+      self.labels = np.array([speakers.index(u.speaker) for u in utts])
     self.random_floor = None
     if config.random_floor:
       random_params = model.init(jax.random.PRNGKey(seed + 1), num_samples)
@@ -76,8 +98,8 @@ class SpeakerEvaluator:
     results = self._layer_metrics(state["target"], "target")
     if "speaker" in state["params"]["heads"]:
       emb = embed.batched(
-          lambda w: self._speaker_embeddings(state["params"], w), self.waves,
-          batch_size=self.batch_size)
+          lambda w, n: self._speaker_embeddings(state["params"], w, n),
+          self.waves, self.lengths, batch_size=self.batch_size)
       results.update(self._report(emb, "projection"))
     if self.random_floor:
       results.update(self.random_floor)

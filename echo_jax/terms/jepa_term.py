@@ -1,0 +1,20 @@
+"""`jepa`: masked latent prediction (I-JEPA / data2vec over time spans).
+
+Every stage keeps it on so that later stages do not erase what stage 1 learnt.
+"""
+
+from echo_jax.objectives import jepa
+from echo_jax.terms.base import StepInputs, Term
+
+
+def loss(cfg, inputs: StepInputs, rng):
+  m = inputs.model
+  return jepa.jepa_loss(
+      m.encoder, m.predictor, inputs.params, inputs.target, inputs.mel, rng,
+      mask_fraction=cfg.mask_fraction, span_tokens=tuple(cfg.span_tokens),
+      loss_kind=cfg.loss, target_layers=cfg.target_layers,
+      sigreg_weight=cfg.sigreg_weight,
+      sigreg_directions=cfg.sigreg_directions)
+
+
+TERM = Term(loss=loss)

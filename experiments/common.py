@@ -1,0 +1,114 @@
+"""What every stage shares: the canonical config and its `cpu` / `smoke`
+shrinking. A stage file starts from `base(variant)` and sets only what differs.
+
+Variants: `smoke` (tests, seconds), `cpu` (laptop demo, minutes on 2 cores),
+`canonical` (25M parameters, pods).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from data_pipelines import mixtures
+
+VARIANTS = ("smoke", "cpu", "canonical")
+
+
+def by_variant(variant: str, *, canonical, cpu, smoke):
+  """One value per variant, e.g. `total_steps=by_variant(v, canonical=...)`."""
+  return {"canonical": canonical, "cpu": cpu, "smoke": smoke}[variant]
+
+
+def _data() -> dict:
+  """Stream settings; every `MixtureConfig` field is settable here."""
+  mixture = dataclasses.asdict(mixtures.MixtureConfig())
+  mixture.update(clip_seconds=4.0, k_min=1, k_max=3,
+                 p_mixture=0.5,          # Single clips and mixtures.
+                 gain_db=5.0)
+  return dict(manifest="",               # "" = the embedded default corpus.
+              corpus_size="default",     # Embedded corpus size then.
+              batch_size=256, num_workers=16, **mixture)
+
+
+def base(variant: str | None) -> ml_collections.ConfigDict:
+  """The shared config of `variant` (unlocked; the stage file locks it)."""
+  variant = variant or "cpu"
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown variant {variant!r}; choose from {VARIANTS}.")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.stage = ""
+  c.seed = 0
+  c.total_steps = 100_000
+  c.log_every = 50
+  c.progress = ml_collections.FieldReference(None, field_type=bool)
+  c.data = _data()
+  c.model = dict(
+      encoder=dict(width=512, depth=8, num_heads=8, mlp_dim=2048,
+                   patch_frames=2),            # 20 ms tokens, 50 Hz.
+      predictor=dict(width=256, depth=4, num_heads=4, mlp_dim=1024),
+      n_mels=80,
+      # Fixed affine on log-mel (log(power + 1e-6) of [-1, 1] audio) that
+      # keeps inputs O(1); measured on speech, not learned.
+      mel_mean=-6.0, mel_std=4.0,
+      compute_dtype="bfloat16",  # Matmuls only; params/EMA stay float32.
+      rwse_heads=8, speaker_embed_dim=256,
+      heads=())                  # Names in echo_jax/heads.py.
+  # Terms by name (echo_jax/terms); a stage lists the ones it trains.
+  c.objective = dict(
+      jepa=dict(weight=1.0, mask_fraction=0.6,
+                span_tokens=(10,),     # 200 ms at 20 ms tokens.
+                loss="smooth_l1", target_layers=4,
+                sigreg_weight=0.0, sigreg_directions=256),
+      # Clip-level JEPA: a half's pooled embedding predicts the other half's
+      # (see jepa.cross_crop_loss); the context half gets a random +-6 dB
+      # smooth equaliser, a generic channel change.
+      crop=dict(weight=1.0, sigreg_weight=0.05, sigreg_directions=256,
+                equalizer_db=6.0))
+  c.optim = dict(lr=1e-3, end_lr=1e-6, warmup_steps=10_000, b1=0.9, b2=0.95,
+                 weight_decay=0.05, clip_norm=10.0,
+                 lr_mult=(),           # ((regex, multiplier), ...)
+                 freeze=())            # (regex, ...) over param paths.
+  c.ema = dict(start=0.996, end=1.0)
+  c.mesh = dict(data=-1, fsdp=1)
+  # `{parent}` is the parent of this run's workdir, so a stage finds its
+  # predecessor beside it whatever the current directory.
+  c.init_from = dict(workdir="", trees=("params/encoder", "params/predictor",
+                                        "target"))
+  c.checkpoint = dict(every=1000, keep=3)
+  c.evals = dict(speaker=dict(type="speaker", every=5000, seconds=4.0,
+                              batch_size=64, max_utterances_per_speaker=40,
+                              random_floor=True))
+  if variant == "cpu":
+    c.total_steps = 2000
+    c.log_every = 25
+    c.data.update(batch_size=32, num_workers=0, clip_seconds=3.0)
+    c.model.update(compute_dtype="float32", rwse_heads=4)
+    c.model.encoder.update(width=192, depth=4, num_heads=4, mlp_dim=768,
+                           patch_frames=4)     # 40 ms tokens: 4x fewer.
+    c.model.predictor.update(width=96, depth=2, num_heads=4, mlp_dim=384)
+    # Still 200 ms spans. SIGReg on: without it the target features' effective
+    # rank fell from 80 to 37 (of 192) within 700 steps at this scale; with it
+    # the rank held at 84-89 (runs of 2026-11-22).
+    c.objective.jepa.update(span_tokens=(5,), sigreg_weight=0.02)
+    c.optim.update(warmup_steps=100)
+    c.checkpoint.every = 200
+    c.evals.speaker.update(every=500, seconds=3.0, batch_size=32)
+  elif variant == "smoke":
+    c.total_steps = 6
+    c.log_every = 2
+    c.data.update(corpus_size="tiny", batch_size=8, num_workers=0,
+                  clip_seconds=2.0)
+    c.model.update(compute_dtype="float32", rwse_heads=2,
+                   speaker_embed_dim=32)
+    c.model.encoder.update(width=64, depth=2, num_heads=2, mlp_dim=128,
+                           patch_frames=4)
+    c.model.predictor.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.objective.jepa.update(span_tokens=(3,), target_layers=2)
+    c.optim.update(warmup_steps=2)
+    c.checkpoint.every = 3
+    c.evals.speaker.update(every=6, seconds=2.0, batch_size=8,
+                           max_utterances_per_speaker=4)
+  return c
