@@ -1,4 +1,4 @@
-"""On-the-fly speaker mixtures as a grain stream (DESIGN.md "Mixture stream").
+"""On-the-fly speaker mixtures as a grain stream.
 
 Chain: `MapDataset.range(U)` (U = usable utterances of the split; element =
 "anchor" utterance, so each epoch uses every utterance once as the first

@@ -1,4 +1,4 @@
-"""Fault injection, data side (issue 13): damaged shards in held-out and train
+"""Fault injection, data side: damaged shards in held-out and train
 data, out-of-range and NaN audio through preparation and diarization, a
 `kill -9` of a preparation pool, a symlink loop in a source tree."""
 
@@ -325,7 +325,7 @@ def test_kill_9_of_prepare_pool_leaves_no_process(tmp_path):
   for i in range(24):  # 22.05 kHz: every worker's first chunk loads librosa.
     write(src, f"spk{i % 4}/s1/u{i}.wav", sine(200 + i, 1.0, 22050), 22050)
   proc = subprocess.Popen(
-      [sys.executable, "tools/prepare_corpus.py", "--src", src, "--out",
+      [sys.executable, "-m", "tools.prepare_corpus", "--src", src, "--out",
        str(tmp_path / "out"), "--workers", "2", "--chunk_size", "1",
        "--no_progress"], cwd=REPO, stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL)

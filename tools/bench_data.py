@@ -1,8 +1,8 @@
 r"""Measures mixture-stream throughput (examples/s, total and per worker).
 
-  python tools/bench_data.py --workers 2 --seconds 20
-  python tools/bench_data.py --manifest /data/vox2/manifest.tsv --workers 8
-  python tools/bench_data.py --synthetic /tmp/bench_corpus --workers 0
+  python -m tools.bench_data --workers 2 --seconds 20
+  python -m tools.bench_data --manifest /data/vox2/manifest.tsv --workers 8
+  python -m tools.bench_data --synthetic /tmp/bench_corpus --workers 0
 
 Without `--manifest` it uses the embedded default corpus; `--synthetic DIR`
 writes (once) and uses a corpus of tone "speech" instead (no espeak-ng needed).

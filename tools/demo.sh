@@ -11,8 +11,9 @@ runs="${ECHO_JAX_RUNS:-runs/cpu}"
 "$py" -m data_pipelines.default_corpus
 "$py" -m echo_jax.main --config=experiments/stage1_jepa.py:cpu \
     --workdir="$runs/stage1" "$@"
+# Stage 2 starts from the stage-1 workdir beside its own ({parent}/stage1).
 "$py" -m echo_jax.main --config=experiments/stage2_speaker.py:cpu \
-    --workdir="$runs/stage2" --config.init_from.workdir="$runs/stage1" "$@"
-"$py" tools/report.py "$runs/stage1" "$runs/stage2"
-"$py" tools/eval_diarization.py --workdir "$runs/stage2" --num_mixtures 50 \
+    --workdir="$runs/stage2" "$@"
+"$py" -m tools.report "$runs/stage1" "$runs/stage2"
+"$py" -m tools.eval_diarization --workdir "$runs/stage2" --num_mixtures 50 \
     --json "$runs/diarization.json" --out_dir "$runs/diarization"

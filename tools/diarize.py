@@ -1,6 +1,6 @@
 r"""Blind diarization of audio files with a stage-2 (or later) Echo checkpoint.
 
-  python tools/diarize.py --workdir runs/cpu/stage2 --out rttm_dir \
+  python -m tools.diarize --workdir runs/cpu/stage2 --out rttm_dir \
       a.wav b.m4a folder/ ... [--Fb 17 --loop_prob 0.99 ...]
 
 Audio is read as corpus preparation reads it (`data_pipelines.audio_io`):
@@ -23,12 +23,10 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_pipelines import audio_io  # noqa: E402
-from echo_jax import diarizer as diarizer_lib  # noqa: E402
-from echo_jax.diarization import pipeline  # noqa: E402
-from echo_jax.diarization import rttm  # noqa: E402
+from data_pipelines import audio_io
+from echo_jax import diarizer as diarizer_lib
+from echo_jax.diarization import pipeline
+from echo_jax.diarization import rttm
 
 _log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 r"""Prepares a VoxCeleb2-layout audio tree into 16 kHz int16 shards + manifest.
 
-  python tools/prepare_corpus.py --src /data/voxceleb2/dev/aac \
+  python -m tools.prepare_corpus --src /data/voxceleb2/dev/aac \
       --out /data/echo/vox2 [--heldout_speakers_file F | --heldout_fraction 0.2] \
       [--workers N]
 
@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import time
 
-if __package__ in (None, ""):
-  # Run as a script: make the repository root importable.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from data_pipelines import manifest as manifest_lib  # noqa: E402
-from data_pipelines import prepare  # noqa: E402
-from data_pipelines import storage  # noqa: E402
+from data_pipelines import manifest as manifest_lib
+from data_pipelines import prepare
+from data_pipelines import storage
 
 
 def read_speaker_list(path: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Prints the held-out speaker numbers and loss curve ends of finished stages.
 
-  python tools/report.py runs/cpu/stage1 runs/cpu/stage2
+  python -m tools.report runs/cpu/stage1 runs/cpu/stage2
 """
 
 from __future__ import annotations

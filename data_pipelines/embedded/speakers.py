@@ -22,7 +22,7 @@ import numpy as np
 from data_pipelines import manifest as manifest_lib
 
 ESPEAK_RATE = 22_050           # espeak-ng's native output rate.
-HELDOUT_FRACTION = 0.2         # DESIGN: 48 train / 12 held-out of 60.
+HELDOUT_FRACTION = 0.2         # 48 train / 12 held-out of 60.
 
 # Variants that sound like plain speech (no whisper/robot/croak effects).
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4",

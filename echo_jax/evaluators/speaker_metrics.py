@@ -1,4 +1,4 @@
-"""Speaker ID / verification and factorisation-gap metrics (DESIGN.md "Metrics").
+"""Speaker ID / verification and factorisation-gap metrics.
 
 Pure numpy / scikit-learn functions on embeddings already computed on the host:
 - speaker ID: per-speaker enrolment/test split, cosine k-NN top-1 accuracy;

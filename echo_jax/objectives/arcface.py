@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 DEFAULT_SCALE = 30.0    # WeSpeaker / SpeechBrain.
-DEFAULT_MARGIN = 0.2    # Final value of the margin ramp (DESIGN.md).
+DEFAULT_MARGIN = 0.2    # Final value of the margin ramp.
 DEFAULT_EPS = 1e-7      # Cos clamp: +-(1 - eps).
 
 
