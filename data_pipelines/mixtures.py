@@ -22,6 +22,8 @@ Example (N = clip samples, F = N // hop frames, S = `k_max` slots):
   phonemes      int32   [S, F]  phoneme ids (see `phonemes.py`: -1 unknown or
                                 absent, -2 silence).
   num_speakers  int32   []      K.
+  skipped       int32   []      unusable utterances re-drawn for this example
+                                (damaged shard, silent crop), for run totals.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ def empty_example(cfg: MixtureConfig) -> dict[str, np.ndarray]:
       "activity": np.zeros((s, f), np.float32),
       "phonemes": np.full((s, f), phonemes_lib.UNKNOWN, np.int32),
       "num_speakers": np.asarray(0, np.int32),
+      "skipped": np.asarray(0, np.int32),
   }
 
 
@@ -175,25 +178,9 @@ def _draw_speaker(index: MixtureIndex, used: Sequence[int],
       return spk
 
 
-_SKIP_REASONS = {
-    "unreadable": "shard missing or unreadable",
-    "truncated": "shard shorter than the manifest says",
-    "silent": "no frame above the activity floor",
-}
-
-
-def _read_crop(store: storage.AudioStore, utt: manifest_lib.Utterance,
-               crop: int, length: int) -> tuple[np.ndarray | None, str | None]:
-  """`(samples [length], None)`, or `(None, reason)` for a `_SKIP_REASONS` key."""
-  try:
-    audio = store.read(utt, crop, length)
-  except (OSError, ValueError) as e:  # Missing shard, corrupt header, ...
-    logging.warning("Mixture: reading %s failed: %s: %s", utt.utt_id,
-                    type(e).__name__, e)
-    return None, "unreadable"
-  if len(audio) != length:
-    return None, "truncated"
-  return audio, None
+SILENT = "silent"
+_SKIP_REASONS = {**storage.SKIP_REASONS,
+                 SILENT: "no frame above the activity floor"}
 
 
 def make_example(store: storage.AudioStore, index: MixtureIndex,
@@ -239,7 +226,9 @@ def make_example(store: storage.AudioStore, index: MixtureIndex,
     onset = int(rng.integers(n - length + 1))
     gain_db = rng.uniform(-cfg.gain_db, cfg.gain_db)
 
-    audio, reason = _read_crop(store, utt, crop, length)
+    # A damaged shard is logged (naming it) and counted by read_or_skip.
+    audio, reason = storage.read_or_skip(store, utt, crop, length,
+                                         context="mixture")
     if audio is not None:
       sources[slot, onset:onset + length] = audio
       # Frames [f0, f1) overlap the segment; the rest of the row is zero.
@@ -249,13 +238,13 @@ def make_example(store: storage.AudioStore, index: MixtureIndex,
       active = energy > max(energy.max() * rel, floor)
       if not active.any():
         sources[slot] = 0.0
-        reason = "silent"
+        reason = SILENT
+        logging.warning("Mixture: skipped %s [%d, +%d): %s (%s).",
+                        utt.utt_id, crop, length, reason, _SKIP_REASONS[reason])
     if reason is not None:
       num_skips += 1
       if skips is not None:
         skips[reason] += 1
-      logging.warning("Mixture: skipped %s [%d, +%d): %s (%s).", utt.utt_id,
-                      crop, length, reason, _SKIP_REASONS[reason])
       if num_skips > cfg.max_skips:
         raise RuntimeError(
             f"{num_skips} unusable utterances drawn for one example (last: "
@@ -283,6 +272,7 @@ def make_example(store: storage.AudioStore, index: MixtureIndex,
       sources[:k] *= np.float32(cfg.peak / peak)
       mixture = sources[:k].sum(axis=0)
     ex["mixture"] = mixture
+  ex["skipped"] = np.asarray(num_skips, np.int32)
   return ex
 
 

@@ -10,6 +10,9 @@ step as the latest.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -43,19 +46,96 @@ def make_manager(directory: str, *, save_every: int = 1, keep: int = 3,
   directory = absolute(directory)
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_every, max_to_keep=keep, create=not read_only,
-      read_only=read_only)
+      read_only=read_only,
+      # Folders of saves a crash interrupted go at start-up.
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options,
                                item_handlers=_handlers())
 
 
+class CheckpointSaveError(OSError):
+  """A save failed (e.g. disk full); the message is one line that says what
+  happened and what to do. The partial folder is gone and the last committed
+  step is intact."""
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Mapping,
          data_iterator, config: Mapping, *, force: bool = False) -> bool:
-  """Saves if the interval (or `force`) says so; returns whether it saved."""
+  """Saves if the interval (or `force`) says so; returns whether it saved.
+
+  Raises `CheckpointSaveError` as soon as this or an earlier asynchronous
+  save is known to have failed.
+  """
   args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iterator),
       config=ocp.args.JsonSave(dict(config)))
-  return manager.save(step, args=args, force=force)
+  try:
+    saved = manager.save(step, args=args, force=force)
+    manager.check_for_errors()
+  except Exception as e:  # Orbax wraps OS errors in its own types.
+    raise save_failed(manager, e) from e
+  return saved
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises `CheckpointSaveError` if a background save has failed."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:
+    raise save_failed(manager, e) from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for pending saves and closes; a failed save becomes one line."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise save_failed(manager, e) from e
+  finally:
+    manager.close()
+
+
+def committed_steps(directory) -> list[int]:
+  """Finalised steps in a checkpoint directory (partial saves excluded)."""
+  path = epath.Path(absolute(str(directory)))
+  if not path.exists():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+def remove_partial_saves(directory) -> list[str]:
+  """Deletes the temporary folders of unfinished saves; returns their names."""
+  path = epath.Path(absolute(str(directory)))
+  partial = [p for p in path.iterdir() if ".orbax-checkpoint-tmp" in p.name
+             ] if path.exists() else []
+  for p in partial:
+    p.rmtree(missing_ok=True)
+  return [p.name for p in partial]
+
+
+def save_failed(manager: ocp.CheckpointManager, error: BaseException
+                ) -> CheckpointSaveError:
+  """The one-line error for a failed save, after removing partial folders."""
+  cause, root = error, error
+  while cause is not None:  # The innermost OS error says what happened.
+    if isinstance(cause, OSError):
+      root = cause
+    cause = cause.__cause__ or cause.__context__
+  what = (f"disk full ({root.strerror})"
+          if getattr(root, "errno", None) == errno.ENOSPC else
+          f"{type(root).__name__}: {root}")
+  try:
+    removed = remove_partial_saves(manager.directory)
+  except OSError:
+    removed = []
+  committed = committed_steps(manager.directory)
+  last = f"step {committed[-1]}" if committed else "none yet"
+  return CheckpointSaveError(
+      f"Saving a checkpoint in {manager.directory} failed: {what}. "
+      f"{'Removed the partial save. ' if removed else ''}The last committed "
+      f"checkpoint ({last}) is intact; free space or fix the path, then rerun "
+      "the same command to resume from it.")
 
 
 def check_same_tree(expected, found, *, what: str, prefix: str = "") -> None:
@@ -84,8 +164,9 @@ def check_same_tree(expected, found, *, what: str, prefix: str = "") -> None:
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state,
-                   data_iterator) -> tuple[Mapping, int] | None:
-  """Restores state and iterator in place from the newest step, if any."""
+                   data_iterator) -> tuple[Mapping, int, dict] | None:
+  """(state, step, saved config) of the newest step, if any; the iterator is
+  restored in place."""
   step = manager.latest_step()
   if step is None:
     return None
@@ -93,8 +174,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
   check_same_tree(abstract_state, saved, what=f"Resuming {manager.directory}")
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
-  return restored["state"], step
+      data=grain.checkpoint.CheckpointRestore(data_iterator),
+      config=ocp.args.JsonRestore()))
+  return restored["state"], step, dict(restored["config"])
 
 
 def restore_trees(directory: str, trees: Sequence[str], abstract_state: Mapping,
@@ -195,3 +277,33 @@ def load_state(workdir: str, step: int | None = None, *,
   finally:
     manager.close()
   return dict(restored["state"]), dict(restored["config"]), step
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds `<workdir>/.lock` for a run (process 0, local paths): a second
+  trainer on the same workdir fails at once instead of both overwriting each
+  other's checkpoints. The OS drops the lock when the process dies."""
+  if "://" in workdir or jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, ".lock")
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "?"
+      raise RuntimeError(
+          f"Another trainer (pid {holder}) is running in {workdir}: two runs "
+          "on one workdir would overwrite each other's checkpoints. Wait for "
+          "it, stop it, or use another --workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -27,8 +27,15 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    # A resumed run repeats the steps after its checkpoint: drop their old
+    # rows (JSONL) and events (TensorBoard's purge_step), so each step is
+    # logged once.
+    drop_rows_after(path, initial_step)
+    self._jsonl = open(path, "a")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=initial_step + 1 if initial_step
+                             else None)
     if progress is None:
       progress = sys.stderr.isatty()
     if progress:
@@ -65,3 +72,28 @@ class MetricWriter:
         self._bar.close()
       self._jsonl.close()
       self._tb.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+  """Rewrites a metrics JSONL without rows past `step` (atomically); returns
+  how many it dropped. A torn last line (a crash mid-write) goes too."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += 1
+        continue
+      if row.get("step", 0) > step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped

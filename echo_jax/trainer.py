@@ -37,6 +37,25 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or gradients became NaN/Inf; the last good checkpoint is kept."""
 
 
+class Preempted(Exception):
+  """SIGTERM: the run saved `step` and stopped before `total_steps`.
+
+  `python -m echo_jax.main` exits with `EXIT_PREEMPTED` then, so a scheduler
+  can tell a preempted run (rerun it to resume) from a finished one (0).
+  """
+
+  def __init__(self, step: int, total_steps: int):
+    super().__init__(f"Preempted: saved step {step} of {total_steps} and "
+                     "stopped; rerun the same command to resume.")
+    self.step = step
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: temporary failure, try again.
+
+# Config fields that may differ on resume without a warning.
+_RESUME_FREE = ("progress", "log_every", "evals")
+
+
 def init_state(model: EchoModel, config, num_samples: int) -> dict:
   """A fresh train state (a plain dict pytree, float32 masters)."""
   rng = jax.random.PRNGKey(config.seed)
@@ -121,9 +140,43 @@ def _check_finite(failed_at: jax.Array, metrics: dict, last_saved) -> None:
         "config.optim.lr, raise config.ema.start, or check the data.")
 
 
+def check_config(config) -> None:
+  """Fails, naming the field, on counts that cannot train."""
+  for field in ("total_steps", "log_every", "checkpoint.every",
+                "checkpoint.keep", "data.batch_size"):
+    node = config
+    for key in field.split("."):
+      node = node[key]
+    if not isinstance(node, int) or node < 1:
+      raise ValueError(f"config.{field}={node!r}: must be a positive integer.")
+
+
+def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  """'key: saved -> current' for every leaf that differs."""
+  changes = []
+  for key in sorted(set(saved) | set(current)):
+    if not prefix and key in _RESUME_FREE:
+      continue
+    a, b = saved.get(key), current.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      changes += _config_changes(a, b, f"{prefix}{key}.")
+    elif jax.tree.leaves(a) != jax.tree.leaves(b):  # Tuples equal lists.
+      changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+  return changes
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           mesh: jax.sharding.Mesh | None = None) -> dict:
-  """Trains `config.total_steps` steps in `workdir`; returns final metrics."""
+  """Trains `config.total_steps` steps in `workdir`; returns final metrics.
+
+  Raises `Preempted` after saving when SIGTERM stopped the run early.
+  """
+  check_config(config)
+  with checkpointing.workdir_lock(workdir):
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir, mesh) -> dict:
   mesh = mesh or sharding.make_mesh(config.mesh)
   losses.check_objective(config.objective, config.model.heads)
   manifest_path = stream.resolve_manifest(config.data)
@@ -132,8 +185,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   model = build_model(config, num_classes)
   num_samples = clip_samples(config)
 
+  # `skipped` (unusable draws per example) stays on the host, for the totals.
   dataset = stream.stage_stream(
-      config.data, manifest_path, losses.batch_keys(config.objective),
+      config.data, manifest_path,
+      losses.batch_keys(config.objective) + ("skipped",),
       seed=config.seed, shard_index=jax.process_index(),
       shard_count=jax.process_count())
   data_iterator = iter(dataset)
@@ -150,8 +205,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       keep=config.checkpoint.keep)
   resumed = checkpointing.restore_latest(manager, abstract, data_iterator)
   if resumed is not None:
-    state, start_step = resumed
+    state, start_step, saved_config = resumed
     logging.info("Resumed %s at step %d.", workdir, start_step)
+    changes = _config_changes(saved_config, config.to_dict())
+    if changes:
+      logging.warning("Resuming %s with a config that differs from the saved "
+                      "one (the new values apply from step %d): %s", workdir,
+                      start_step, "; ".join(changes))
   else:
     start_step = 0
     state = jax.jit(functools.partial(init_state, model, config, num_samples),
@@ -177,12 +237,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   config_dict = config.to_dict()
   metrics: dict = {}
   step = start_step
+  skipped = 0  # Unusable utterances this host's stream re-drew this run.
   tick, tick_step = time.time(), step
+  stop = False
   try:
     with preemption_lib.Preemption() as preemption:
       while step < config.total_steps:
-        batch = sharding.global_batch(next(data_iterator), mesh)
+        local = next(data_iterator)
+        skipped += int(np.sum(local.pop("skipped")))
+        batch = sharding.global_batch(local, mesh)
         state, metrics, failed_at = train_step(state, batch, failed_at)
+        checkpointing.check_saves(manager)  # A failed async save stops now.
         step += 1
         last = step == config.total_steps
         stop = preemption.should_stop(step)
@@ -198,6 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           rate = (step - tick_step) / max(now - tick, 1e-9)
           metrics["perf/steps_per_s"] = rate
           metrics["perf/examples_per_s"] = rate * config.data.batch_size
+          metrics["data/skipped_utterances"] = skipped
           tick, tick_step = now, step
           writer.write(step, metrics)
         checkpointing.save(manager, step, state, data_iterator, config_dict,
@@ -207,10 +273,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           writer.write(step, results, console=True)
           metrics.update(results)
         if stop:
-          logging.warning("Stopped at step %d after SIGTERM.", step)
           break
+  except BaseException:
+    try:  # Already failing: the first error is the one to report.
+      checkpointing.finish(manager)
+    except checkpointing.CheckpointSaveError as e:
+      logging.error("%s", e)
+    raise
+  else:
+    checkpointing.finish(manager)
   finally:
-    manager.wait_until_finished()
-    manager.close()
     writer.close()
+  if stop and step < config.total_steps:
+    # Said only now that the save is committed.
+    logging.warning("Stopped at step %d after SIGTERM (checkpoint committed).",
+                    step)
+    raise Preempted(step, config.total_steps)
   return {k: float(v) for k, v in metrics.items()}

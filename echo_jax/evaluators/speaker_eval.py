@@ -103,4 +103,5 @@ class SpeakerEvaluator:
       results.update(self._report(emb, "projection"))
     if self.random_floor:
       results.update(self.random_floor)
+    results[f"{self.name}/skipped_utterances"] = self.skipped
     return results
