@@ -59,3 +59,24 @@ def test_stage2_without_stage1_checkpoint_fails(tmp_path):
   config = smoke(stage2_speaker.get_config)
   with pytest.raises(FileNotFoundError, match="Run the previous stage"):
     trainer.train(config, str(tmp_path / "stage2"))
+
+
+def test_stage2_checkpoint_restores_into_a_later_stage(stage1_workdir,
+                                                       tmp_path):
+  """A later stage reads stage 2's heads by name through init_from.trees."""
+  runs = os.path.dirname(stage1_workdir)
+  stage2 = os.path.join(runs, "stage2_for_later")
+  trainer.train(smoke(stage2_speaker.get_config, total_steps=2,
+                      **{"init_from.workdir": stage1_workdir}), stage2)
+  saved, _, _ = checkpointing.load_state(stage2)
+  heads = ("rwse", "speaker", "arcface", "activity")
+  later = smoke(stage2_speaker.get_config, total_steps=1, **{
+      "optim.lr": 0.0, "init_from.workdir": stage2,
+      "init_from.trees": ("params/encoder", "target") + tuple(
+          f"params/heads/{h}" for h in heads)})
+  workdir = str(tmp_path / "later")
+  trainer.train(later, workdir)
+  restored, _, _ = checkpointing.load_state(workdir)
+  for h in heads:
+    jax.tree.map(np.testing.assert_array_equal, saved["params"]["heads"][h],
+                 restored["params"]["heads"][h])
