@@ -207,7 +207,8 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
   monkeypatch.setattr(trainer.metric_writer.MetricWriter, "write",
                       write_then_preempt)
   config = smoke_config(total_steps=6, **{"checkpoint.every": 100})
-  trainer.train(config, str(tmp_path), mesh=one_device_mesh())
+  with pytest.raises(trainer.Preempted, match="saved step 3 of 6"):
+    trainer.train(config, str(tmp_path), mesh=one_device_mesh())
   # The signal came while step 2 was logged, after that step's stop check:
   # the next step is saved and the run stops.
   _, _, step = checkpointing.load_state(str(tmp_path))
