@@ -147,17 +147,29 @@ def read_audio(path: str) -> Audio:
   """
   try:
     audio, rate = decode(path)
-    if audio.size == 0:
-      raise BadAudio(EMPTY, "0 samples")
-    finite = np.isfinite(audio)
-    if not finite.all():
-      bad = np.flatnonzero(~finite.all(axis=0))
-      raise BadAudio(NON_FINITE, f"{bad.size} of {audio.shape[1]} samples are "
-                     f"NaN or Inf, the first at {bad[0] / rate:.3f} s")
   except BadAudio as e:
     if e.path:
       raise
     raise BadAudio(e.reason, e.detail, path) from e.__cause__
+  return condition(audio, rate, path)
+
+
+def condition(audio: np.ndarray, rate: int, name: str) -> Audio:
+  """Validates, downmixes, resamples and range-checks decoded audio
+  [channels, T] (or [T]) at `rate`; `name` (a path, "input 3") is what errors
+  and warnings call it. What `read_audio` does after decoding, for arrays."""
+  audio = np.asarray(audio, np.float32)
+  audio = audio[None] if audio.ndim == 1 else audio
+  if audio.ndim != 2:
+    raise BadAudio(UNREADABLE, f"expected [samples] or [channels, samples], "
+                   f"found shape {audio.shape}", name)
+  if audio.size == 0:
+    raise BadAudio(EMPTY, "0 samples", name)
+  finite = np.isfinite(audio)
+  if not finite.all():
+    bad = np.flatnonzero(~finite.all(axis=0))
+    raise BadAudio(NON_FINITE, f"{bad.size} of {audio.shape[1]} samples are "
+                   f"NaN or Inf, the first at {bad[0] / rate:.3f} s", name)
   mono = audio.mean(axis=0, dtype=np.float32)
   if rate != SAMPLE_RATE:
     import librosa  # Deferred: heavy import, and 16 kHz inputs never need it.
@@ -170,5 +182,5 @@ def read_audio(path: str) -> Audio:
     gain = FULL_SCALE / peak
     mono *= np.float32(gain)
     log.warning("%s: samples reach %.4g, beyond [-1, 1]; peak-normalised "
-                "(gain %.4g) instead of clipping.", path, peak, gain)
+                "(gain %.4g) instead of clipping.", name, peak, gain)
   return Audio(mono, int(rate), int(audio.shape[0]), peak, gain)
