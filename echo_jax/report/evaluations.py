@@ -1,0 +1,100 @@
+"""Evaluations the stack runs once training is done, beyond the trainer's
+own evaluators (whose numbers are in each stage's metrics.jsonl).
+
+`EVALUATIONS` is the registry: name -> `fn(runs, out_dir, variant)` that
+evaluates the stage(s) it applies to, writes its files under `out_dir` and
+returns a JSON-able record (None when no stage applies). A record is cached
+in `<out_dir>/evaluation.json` with the checkpoint step and settings it was
+made with, so rerunning the stack on finished stages does not redo it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+from data_pipelines import manifest as manifest_lib
+from data_pipelines import mixtures
+from echo_jax import diarizer as diarizer_lib
+from echo_jax.evaluators import diarization_eval
+from echo_jax.report.stages import StageRun, latest_step
+
+_log = logging.getLogger(__name__)
+
+RECORD = "evaluation.json"
+
+# Per variant: the cpu demo's 50 mixtures take about 2 minutes on 2 CPU
+# cores; a mixture holds several 1.5 s embedding windows.
+DIARIZATION_SETTINGS = {
+    "smoke": dict(num_mixtures=2, seconds=6.0),
+    "cpu": dict(num_mixtures=50, seconds=10.0),
+    "canonical": dict(num_mixtures=200, seconds=10.0),
+}
+
+
+def _cached(out_dir: str, key: dict) -> dict | None:
+  path = os.path.join(out_dir, RECORD)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  return record if record.get("key") == key else None
+
+
+def _save(out_dir: str, record: dict) -> dict:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, RECORD)
+  with open(f"{path}.tmp", "w") as f:
+    json.dump(record, f, indent=2)
+  os.replace(f"{path}.tmp", path)
+  return record
+
+
+def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
+                ) -> dict | None:
+  """Blind DER of the last stage that can diarize, on held-out mixtures
+  (`diarization_eval.evaluate_blind_der`; RTTMs and UEM in `out_dir`)."""
+  capable = [r for r in runs
+             if set(diarizer_lib.REQUIRED_HEADS) <= set(r.heads)]
+  if not capable:
+    return None
+  run = capable[-1]
+  settings = dict(DIARIZATION_SETTINGS[variant], k_min=1, seed=0)
+  key = dict(workdir=os.path.abspath(run.workdir),
+             step=latest_step(run.workdir), **settings)
+  record = _cached(out_dir, key)
+  if record is not None:
+    _log.info("Diarization of %s step %d: cached in %s.", run.stage.name,
+              key["step"], out_dir)
+    return record
+  _log.info("Diarization of %s step %d: %d mixtures of %g s ...",
+            run.stage.name, key["step"], settings["num_mixtures"],
+            settings["seconds"])
+  diarizer = diarizer_lib.EchoDiarizer.from_workdir(run.workdir)
+  manifest = diarizer.train_manifest
+  diarizer.load_or_fit_plda(manifest)
+  # K up to 3, or as many held-out speakers as the corpus has.
+  k_max = min(3, mixtures.num_speakers(manifest, manifest_lib.HELDOUT))
+  results = diarization_eval.evaluate_blind_der(
+      diarizer, manifest, k_max=k_max, out_dir=out_dir, **settings)
+  _log.info("Diarization of %s:\n%s", run.stage.name,
+            diarization_eval.format_report(results))
+  return _save(out_dir, dict(key=key, stage=run.stage.name, dir=out_dir,
+                             results=results))
+
+
+Evaluation = Callable[[Sequence[StageRun], str, str], "dict | None"]
+EVALUATIONS: dict[str, Evaluation] = {"diarization": diarization}
+
+
+def run_all(runs: Sequence[StageRun], root: str, variant: str) -> dict:
+  """{name: record} of every evaluation that applies; files in
+  `<root>/<name>/`."""
+  records = {}
+  for name, evaluation in EVALUATIONS.items():
+    record = evaluation(runs, os.path.join(root, name), variant)
+    if record is not None:
+      records[name] = record
+  return records
