@@ -5,22 +5,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
+
+from echo_jax.report import stages
 
 
 def read_rows(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: has {workdir} been trained?")
-  with open(path) as f:
-    rows = [json.loads(line) for line in f]
-  # A resumed run re-logs the steps after its last checkpoint: keep the last
-  # training row of each step, in step order (evaluation rows as they come).
-  train = {r["step"]: r for r in rows if "train/loss" in r}
-  evals = [r for r in rows if "train/loss" not in r]
-  return [train[s] for s in sorted(train)] + evals
+  """Training rows in step order, then evaluation rows."""
+  train, evals = stages.read_metrics(workdir)
+  return train + evals
 
 
 def last(rows: list[dict], key: str):
