@@ -40,15 +40,18 @@ def synthetic_batch(config, batch_size: int) -> dict:
   n = clip_samples(config)
   k = config.data.k_max
   frames = n // HOP
-  full = {
-      "mixture": (0.1 * rng.standard_normal((batch_size, n))).astype(np.float32),
-      "sources": (0.1 * rng.standard_normal((batch_size, k, n))).astype(np.float32),
-      "speakers": rng.integers(0, _CLASSES.value, (batch_size, k)).astype(np.int32),
-      "activity": (rng.random((batch_size, k, frames)) > 0.5).astype(np.float32),
-      "phonemes": rng.integers(-2, 40, (batch_size, k, frames)).astype(np.int32),
-      "num_speakers": np.full((batch_size,), k, np.int32),
+  make = {  # Only the entries the terms read are drawn (sources are big).
+      "mixture": lambda: 0.1 * rng.standard_normal((batch_size, n)),
+      "sources": lambda: 0.1 * rng.standard_normal((batch_size, k, n)),
+      "speakers": lambda: rng.integers(0, _CLASSES.value, (batch_size, k)),
+      "activity": lambda: rng.random((batch_size, k, frames)) > 0.5,
+      "phonemes": lambda: rng.integers(-2, 40, (batch_size, k, frames)),
+      "num_speakers": lambda: np.full((batch_size,), k),
   }
-  return {key: full[key] for key in losses.batch_keys(config.objective)}
+  dtypes = {"speakers": np.int32, "phonemes": np.int32,
+            "num_speakers": np.int32}
+  return {key: make[key]().astype(dtypes.get(key, np.float32))
+          for key in losses.batch_keys(config.objective)}
 
 
 def matmul_peak(dtype, n: int) -> float:

@@ -27,6 +27,7 @@ from data_pipelines import audio_io
 from echo_jax import diarizer as diarizer_lib
 from echo_jax.diarization import pipeline
 from echo_jax.diarization import rttm
+from tools import cli
 
 _log = logging.getLogger(__name__)
 
@@ -96,12 +97,7 @@ def expand_inputs(paths: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
   """Returns the number of files that failed (exit status 1 if any)."""
-  # Root at WARNING keeps orbax/JAX chatter out; ours at INFO. `force`:
-  # absl may have installed a handler already.
-  logging.basicConfig(level=logging.WARNING,
-                      format="%(levelname)s %(message)s", force=True)
-  for name in (__name__, "echo_jax"):
-    logging.getLogger(name).setLevel(logging.INFO)
+  cli.setup_logging(__name__, "echo_jax")
   args = parse_args(argv)
   files, input_errors = expand_inputs(args.files)
   for error in input_errors:

@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from echo_jax import diarizer as diarizer_lib
 from echo_jax.evaluators import diarization_eval
+from tools import cli
 from tools import diarize as diarize_tool
 
+
 def main(argv: list[str] | None = None) -> dict:
-  # Root at WARNING keeps orbax/JAX chatter out; ours at INFO. `force`:
-  # absl may have installed a handler already.
-  logging.basicConfig(level=logging.WARNING,
-                      format="%(levelname)s %(message)s", force=True)
-  for name in (__name__, "echo_jax"):
-    logging.getLogger(name).setLevel(logging.INFO)
+  cli.setup_logging(__name__, "echo_jax")
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--manifest", default=None,

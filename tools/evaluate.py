@@ -40,6 +40,7 @@ from echo_jax import checkpointing, embed, inference
 from echo_jax import diarizer as diarizer_lib
 from echo_jax.diarization import rttm, scoring
 from echo_jax.evaluators import speaker_metrics
+from tools import cli
 
 _log = logging.getLogger(__name__)
 
@@ -232,12 +233,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  # Root at WARNING keeps orbax/JAX chatter out; ours at INFO. `force`:
-  # absl may have installed a handler already.
-  logging.basicConfig(level=logging.WARNING,
-                      format="%(levelname)s %(message)s", force=True)
-  for name in (__name__, "echo_jax"):
-    logging.getLogger(name).setLevel(logging.INFO)
+  cli.setup_logging(__name__, "echo_jax")
   args = parse_args(argv)
   results: dict = {"workdir": args.workdir}
   if args.workdir:

@@ -43,6 +43,7 @@ from data_pipelines import default_corpus
 from echo_jax import inference
 from echo_jax.export import (bundle, checkpoint_info, checks, jax_export,
                              numpy_forward, onnx_export)
+from tools import cli
 
 _log = logging.getLogger(__name__)
 SUMMARY_FILE = "export_summary.json"
@@ -186,8 +187,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   """Returns the exit status: 1 if a check failed."""
-  logging.basicConfig(level=logging.WARNING,
-                      format="%(levelname)s %(message)s", force=True)
+  cli.setup_logging()
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notes.
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["inspect"]:

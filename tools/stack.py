@@ -38,6 +38,7 @@ import jax
 from echo_jax import checkpointing, trainer
 from echo_jax.report import evaluations, page, sections
 from echo_jax.report import stages as stages_lib
+from tools import cli
 from tools import report as console_report
 
 _log = logging.getLogger(__name__)
@@ -270,12 +271,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  # Root at WARNING keeps orbax/JAX chatter out; ours at INFO. `force`:
-  # absl may have installed a handler already.
-  logging.basicConfig(level=logging.WARNING,
-                      format="%(levelname)s %(message)s", force=True)
-  for name in (__name__, "echo_jax"):
-    logging.getLogger(name).setLevel(logging.INFO)
+  cli.setup_logging(__name__, "echo_jax")
   logging.getLogger("absl").addFilter(
       lambda record: not _read_only_note(record.getMessage()))
   args, overrides = parse_args(argv)
