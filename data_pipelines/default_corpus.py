@@ -6,6 +6,8 @@ prints the manifest path and a summary. Folder: `<root>/<size>/raw` (the
 generated espeak-ng VoxCeleb2-layout tree) and `<root>/<size>/prepared`
 (shards + manifest.tsv), then `<root>/<size>/built.json` (the settings it was
 built with; a mismatch rebuilds); root is $ECHO_JAX_DATA, else ~/.cache/echo_jax.
+The manifest's splits are the generator's: train, heldout (new speakers of
+seen voice variants) and unseen_variant (variants and languages train lacks).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -22,17 +25,20 @@ from data_pipelines import prepare
 
 ROOT_ENV = "ECHO_JAX_DATA"
 
-# generate_corpus arguments per size; held-out fraction 0.2 gives 12 of 60
-# (default) and round(1.6) = 2 of 8 (tiny) speakers.
+# generate_corpus arguments per size. Splits (embedded/speakers.py): 240 ->
+# 163 train / 41 heldout / 36 unseen_variant; 10 -> 6 / 2 / 2.
 SIZES = {
-    "default": dict(num_speakers=60, utts_per_speaker=(20, 40),
+    # About 4,300 utterances (~5.5 h); minutes on 2 cores.
+    "default": dict(num_speakers=240, utts_per_speaker=(12, 24),
                     seconds=(2.0, 8.0)),
     # For tests: builds in seconds.
-    "tiny": dict(num_speakers=8, utts_per_speaker=(6, 6), seconds=(2.0, 4.0)),
+    "tiny": dict(num_speakers=10, utts_per_speaker=(6, 6), seconds=(2.0, 4.0)),
 }
 SEED = 0
-HELDOUT_FRACTION = 0.2
 MIN_SECONDS = 1.0
+# Bump with embedded/generate.py's CORPUS_VERSION, so cached builds redo.
+EMBEDDED_VERSION = 3
+SPEAKERS_FILE = "speakers.json"  # Written by the generator beside the audio.
 _RECORD_NAME = "built.json"
 
 
@@ -55,8 +61,27 @@ def _lock(path: str):
 def _build_record(size: str) -> dict:
   """Everything the cached corpus depends on; a change rebuilds it."""
   return {"size": size, "seed": SEED, "generate": SIZES[size],
-          "heldout_fraction": HELDOUT_FRACTION, "min_seconds": MIN_SECONDS,
+          "embedded_version": EMBEDDED_VERSION, "min_seconds": MIN_SECONDS,
           "format_version": prepare.FORMAT_VERSION}
+
+
+def embedded_splits(raw_dir: str) -> dict[str, str]:
+  """{speaker id: split} as the generator drew them (its speakers.json)."""
+  path = os.path.join(raw_dir, SPEAKERS_FILE)
+  with open(path) as f:
+    splits = {k: v["split"] for k, v in json.load(f)["speakers"].items()}
+  unknown = set(splits.values()) - set(manifest_lib.SPLITS)
+  if unknown:
+    raise ValueError(f"{path} has splits {sorted(unknown)}; expected only "
+                     f"{manifest_lib.SPLITS}. Delete the folder to rebuild.")
+  return splits
+
+
+def _apply_splits(manifest_path: str, splits: dict[str, str]) -> None:
+  """Rewrites the manifest's split column from `splits`."""
+  utts = manifest_lib.read_manifest(manifest_path)
+  manifest_lib.write_manifest(manifest_path, [
+      dataclasses.replace(u, split=splits[u.speaker]) for u in utts])
 
 
 def _is_built(base: str, size: str) -> bool:
@@ -91,9 +116,15 @@ def ensure_default_corpus(root: str | None = None, *, size: str = "default",
     # Deferred: generation needs espeak-ng, which reading a cached corpus doesn't.
     from data_pipelines.embedded.generate import generate_corpus
     generate_corpus(raw_dir, seed=SEED, num_workers=num_workers, **SIZES[size])
-    prepare.prepare_corpus(raw_dir, out_dir, heldout_fraction=HELDOUT_FRACTION,
-                           seed=SEED, num_workers=num_workers,
-                           min_seconds=MIN_SECONDS, progress=progress)
+    splits = embedded_splits(raw_dir)
+    # prepare knows two splits; every non-train speaker goes in as held out,
+    # then the generator's own split names are written over them.
+    prepare.prepare_corpus(
+        raw_dir, out_dir, seed=SEED, num_workers=num_workers,
+        heldout_speakers=[k for k, v in splits.items()
+                          if v != manifest_lib.TRAIN],
+        min_seconds=MIN_SECONDS, progress=progress)
+    _apply_splits(manifest_path, splits)
     record_path = os.path.join(base, _RECORD_NAME)
     with open(f"{record_path}.tmp", "w") as f:  # Last: marks the build done.
       json.dump(_build_record(size), f)
@@ -105,8 +136,10 @@ def summarize(manifest_path: str) -> str:
   """One line per split: speakers, utterances, hours, aligned utterances."""
   utts = manifest_lib.read_manifest(manifest_path)
   lines = []
-  for split in (manifest_lib.TRAIN, manifest_lib.HELDOUT):
-    us = [u for u in utts if u.split == split]
+  for split in manifest_lib.SPLITS:
+    us = manifest_lib.utterances_of(utts, split)
+    if not us and split == manifest_lib.UNSEEN_VARIANT:
+      continue  # Corpora prepared from real data have no such split.
     lines.append(
         f"{split}: {len(manifest_lib.speakers_of(us))} speakers, {len(us)} "
         f"utterances, {sum(u.duration for u in us) / 3600:.3f} h, "

@@ -14,6 +14,10 @@ from collections.abc import Iterable, Sequence
 
 from data_pipelines.framing import SAMPLE_RATE  # Everything stored is 16 kHz mono.
 TRAIN, HELDOUT = "train", "heldout"
+# Held out of training with whole voice variants and languages (the embedded
+# corpus); evaluators that read HELDOUT never see these speakers by accident.
+UNSEEN_VARIANT = "unseen_variant"
+SPLITS = (TRAIN, HELDOUT, UNSEEN_VARIANT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +31,7 @@ class Utterance:
   utt_id: str          # "<speaker>/<session>/<utt>", unique.
   speaker: str
   session: str
-  split: str           # TRAIN or HELDOUT (speaker-disjoint).
+  split: str           # One of SPLITS (speaker-disjoint).
   num_samples: int
   shard: str           # Shard file name, relative to the manifest folder.
   offset: int          # First sample inside the shard.
@@ -76,3 +80,9 @@ def speakers_of(utterances: Sequence[Utterance], split: str | None = None
   """Sorted distinct speakers, optionally of one split."""
   return sorted({u.speaker for u in utterances
                  if split is None or u.split == split})
+
+
+def utterances_of(utterances: Sequence[Utterance], split: str
+                  ) -> list[Utterance]:
+  """The utterances of one split, in manifest order."""
+  return [u for u in utterances if u.split == split]

@@ -10,16 +10,21 @@ import time
 import librosa
 import numpy as np
 import pytest
+import scipy.signal
 import scipy.stats
 import soundfile as sf
 from sklearn import model_selection, neighbors, preprocessing
 
+from data_pipelines import default_corpus
 from data_pipelines import manifest as manifest_lib
-from data_pipelines.embedded import generate, sentences, speakers
+from data_pipelines.embedded import espeak, generate, sentences, speakers
 
 SR = manifest_lib.SAMPLE_RATE
-TINY = dict(seed=0, num_speakers=6, utts_per_speaker=(4, 4),
+# 10 speakers: 6 train, 2 heldout, 2 unseen_variant.
+TINY = dict(seed=0, num_speakers=10, utts_per_speaker=(4, 4),
             seconds=(2.0, 5.0))
+TRAIN, HELDOUT, UNSEEN = (manifest_lib.TRAIN, manifest_lib.HELDOUT,
+                          manifest_lib.UNSEEN_VARIANT)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,7 @@ def test_layout_and_flac_format(corpus):
   for speaker_id, spk in meta.items():
     assert re.fullmatch(r"id\d{5}", speaker_id)
     sessions = sorted(os.listdir(os.path.join(corpus, speaker_id)))
-    assert 2 <= len(sessions) <= 3
+    assert 2 <= len(sessions) <= 4
     assert sessions == sorted(s["session_id"] for s in spk["sessions"])
     for s in spk["sessions"]:
       names = sorted(os.listdir(os.path.join(corpus, speaker_id,
@@ -68,16 +73,16 @@ def test_layout_and_flac_format(corpus):
       assert names == sorted([f"{i:05d}.flac" for i in range(1, n + 1)] +
                              [f"{i:05d}.phn.tsv" for i in range(1, n + 1)])
   flacs = _utterances(corpus)
-  assert len(flacs) == 6 * 4
+  assert len(flacs) == TINY["num_speakers"] * 4
   for path in flacs:
     info = sf.info(path)
     assert (info.format, info.subtype, info.samplerate, info.channels) == (
         "FLAC", "PCM_16", SR, 1)
     assert TINY["seconds"][0] <= info.frames / SR <= TINY["seconds"][1]
-  # Splits are speaker-disjoint: 20% of speakers held out.
+  # Splits are speaker-disjoint: 15% unseen-variant, 20% of the rest held out.
   splits = [spk["split"] for spk in meta.values()]
-  assert splits.count(manifest_lib.HELDOUT) == 1
-  assert splits.count(manifest_lib.TRAIN) == 5
+  assert (splits.count(TRAIN), splits.count(HELDOUT), splits.count(UNSEEN)
+          ) == (6, 2, 2)
 
 
 def test_deterministic_across_worker_counts(corpus, tmp_path):
@@ -209,8 +214,11 @@ def _centroid_and_f0(audio):
 
 
 def test_vocal_tract_warp_moves_formants_not_pitch():
-  base = speakers.draw_speaker(0, 0, 10, (3, 3))
-  session = dataclasses.replace(base.sessions[0], noise_db=-80.0, tilt=0.0)
+  base = speakers.draw_speaker(0, 0, TRAIN, "m3", "en-US", (3, 3))
+  session = dataclasses.replace(
+      base.sessions[0], noise_db=-80.0, tilt=0.0,
+      eq_db=(0.0,) * len(speakers.EQ_CENTRES_HZ), highpass_hz=0.0,
+      lowpass_hz=8000.0)
 
   def render(alpha):
     source_rate = int(round(speakers.ESPEAK_RATE * alpha / 50) * 50)
@@ -248,3 +256,106 @@ def test_sentence_length_and_determinism():
     assert n <= len(text.split()) <= n + 12
     assert text == sentences.sentence(np.random.default_rng(n), n)
     assert text[0].isupper() and text[-1] in ".?"
+
+
+def _voice_sets(speaker_list, split):
+  chosen = [s for s in speaker_list if s.split == split]
+  return {s.variant for s in chosen}, {s.language for s in chosen}
+
+
+def test_default_size_splits_keep_variants_and_languages_out():
+  voices = speakers.usable_voices()
+  # Every bundled variant is drawn from (or was skipped with a reason).
+  assert (set(voices.variants) | {n for n, _ in voices.skipped}
+          ) >= set(speakers.bundled_variants())
+  size = default_corpus.SIZES["default"]
+  drawn = speakers.draw_speakers(default_corpus.SEED, size["num_speakers"],
+                                 size["utts_per_speaker"], voices)
+  counts = {k: sum(s.split == k for s in drawn) for k in manifest_lib.SPLITS}
+  assert counts == {TRAIN: 163, HELDOUT: 41, UNSEEN: 36}
+  assert counts == speakers.split_sizes(size["num_speakers"])
+  train_v, train_l = _voice_sets(drawn, TRAIN)
+  held_v, held_l = _voice_sets(drawn, HELDOUT)
+  unseen_v, unseen_l = _voice_sets(drawn, UNSEEN)
+  assert not unseen_v & (train_v | held_v)
+  assert not unseen_l & (train_l | held_l)
+  assert held_v <= train_v  # New speakers of seen variants.
+  # Wide coverage: every usable variant, many languages, in training or out.
+  assert train_v | unseen_v == set(voices.variants)
+  assert len(train_l | held_l | unseen_l) >= 30
+  assert len(unseen_v) >= 15 and len(unseen_l) >= 5
+  # Pure function of the seed.
+  assert drawn == speakers.draw_speakers(
+      default_corpus.SEED, size["num_speakers"], size["utts_per_speaker"],
+      voices)
+  other = speakers.draw_speakers(1, size["num_speakers"],
+                                 size["utts_per_speaker"], voices)
+  assert _voice_sets(other, UNSEEN) != (unseen_v, unseen_l)
+  # Sessions of one speaker have different channels.
+  assert all(len({x.eq_db for x in s.sessions}) == len(s.sessions)
+             for s in drawn)
+
+
+def test_tiny_corpus_unseen_speakers_are_unseen(corpus):
+  with open(os.path.join(corpus, generate.SPEAKERS_FILE)) as f:
+    meta = json.load(f)
+  drawn = [speakers.Speaker(**{**m, "sessions": ()})
+           for m in meta["speakers"].values()]
+  train_v, train_l = _voice_sets(drawn, TRAIN)
+  unseen_v, unseen_l = _voice_sets(drawn, UNSEEN)
+  assert unseen_v and not unseen_v & train_v
+  assert unseen_l and not unseen_l & train_l
+  assert set(meta["voices"]["unseen_variants"]) >= unseen_v
+  # Phoneme tracks for every speaker of every split.
+  tracks = {_speaker_of(os.path.join(d, f)) for d, _, fs in os.walk(corpus)
+            for f in fs if f.endswith(generate.PHONEME_SUFFIX)}
+  assert tracks == set(meta["speakers"])
+
+
+def test_channel_filter_follows_session_eq():
+  session = speakers.draw_session(np.random.default_rng(3), 2)
+  flat = dataclasses.replace(session, eq_db=(0.0,) * 6, tilt=0.0,
+                             highpass_hz=0.0, lowpass_hz=8000.0)
+  freqs, response = scipy.signal.freqz(generate.channel_filter(flat),
+                                       worN=[500.0, 2000.0, 6000.0], fs=SR)
+  np.testing.assert_allclose(np.abs(response), 1.0, atol=0.05)
+  band = dataclasses.replace(flat, eq_db=(0.0, 0.0, 6.0, 0.0, 0.0, 0.0),
+                             lowpass_hz=3400.0, highpass_hz=300.0)
+  _, response = scipy.signal.freqz(generate.channel_filter(band),
+                                   worN=[60.0, 600.0, 7000.0], fs=SR)
+  db = 20 * np.log10(np.abs(response))
+  assert db[0] < -20 and abs(db[1] - 6.0) < 1.0 and db[2] < -20
+  # Linear phase: symmetric taps, so centred filtering keeps the alignment.
+  taps = generate.channel_filter(band)
+  np.testing.assert_allclose(taps, taps[::-1])
+
+
+def test_default_corpus_manifest_records_the_splits():
+  assert default_corpus.EMBEDDED_VERSION == generate.CORPUS_VERSION
+  assert default_corpus.SPEAKERS_FILE == generate.SPEAKERS_FILE
+  path = default_corpus.ensure_default_corpus(size="tiny")
+  utts = manifest_lib.read_manifest(path)
+  counts = {k: len(manifest_lib.speakers_of(utts, k))
+            for k in manifest_lib.SPLITS}
+  assert counts == {TRAIN: 6, HELDOUT: 2, UNSEEN: 2}
+  assert all(u.alignment for u in utts)
+  raw = os.path.join(os.path.dirname(os.path.dirname(path)), "raw")
+  splits = default_corpus.embedded_splits(raw)
+  assert all(u.split == splits[u.speaker] for u in utts)
+  assert "unseen_variant: 2 speakers" in default_corpus.summarize(path)
+
+
+def test_klatt_noise_is_seeded_whatever_came_before():
+  # Klatt voices draw noise from libc's rand(): the same call must give the
+  # same samples whatever this process synthesized before.
+  def speak(voice):
+    tts = espeak.Espeak()
+    try:
+      tts.set_voice(voice)
+      return tts.synthesize("Anna carried the basket.", rand_seed=5).samples
+    finally:
+      tts.close()
+
+  first = speak("en+caleb")
+  speak("cs+Reed")
+  assert np.array_equal(first, speak("en+caleb"))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -364,6 +365,12 @@ def test_default_corpus_cache(tmp_path, monkeypatch):
       for i in range(utts_per_speaker[0]):
         write(out_root, f"id{s:05d}/sess/u{i}.flac",
               sine(200 + 10 * s + i, seconds[0] / 2, SR))
+    # The real generator's speakers.json: the last 2 unseen_variant, 2 held out.
+    splits = ([manifest_lib.TRAIN] * (num_speakers - 4)
+              + [manifest_lib.HELDOUT] * 2 + [manifest_lib.UNSEEN_VARIANT] * 2)
+    with open(os.path.join(out_root, default_corpus.SPEAKERS_FILE), "w") as f:
+      json.dump({"speakers": {f"id{s:05d}": {"split": split}
+                              for s, split in enumerate(splits)}}, f)
     return out_root
 
   fake = types.ModuleType("data_pipelines.embedded.generate")
@@ -372,11 +379,13 @@ def test_default_corpus_cache(tmp_path, monkeypatch):
   monkeypatch.setenv(default_corpus.ROOT_ENV, str(tmp_path))
   path = default_corpus.ensure_default_corpus(size="tiny", num_workers=0)
   assert path == str(tmp_path / "tiny" / "prepared" / "manifest.tsv")
-  assert calls == [(0, 8, (6, 6), (2.0, 4.0))]
+  assert calls == [(0, 10, (6, 6), (2.0, 4.0))]
   utts = manifest_lib.read_manifest(path)
-  assert len(utts) == 48
+  assert len(utts) == 60
   assert len(manifest_lib.speakers_of(utts, manifest_lib.TRAIN)) == 6
   assert len(manifest_lib.speakers_of(utts, manifest_lib.HELDOUT)) == 2
+  assert manifest_lib.speakers_of(utts, manifest_lib.UNSEEN_VARIANT) == [
+      "id00008", "id00009"]
   assert default_corpus.ensure_default_corpus(size="tiny") == path
   assert len(calls) == 1  # Cached: no second generation.
   assert "6 speakers, 36 utterances" in default_corpus.summarize(path)

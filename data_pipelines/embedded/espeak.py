@@ -57,6 +57,11 @@ class Synthesis:
 
 
 _LIVE: list["Espeak"] = []  # At most one loaded library per process.
+# The Klatt voices' noise source calls the C library's rand(), which neither
+# espeak_ng_SetRandSeed nor reloading espeak resets: seed it per synthesis.
+_LIBC = ctypes.CDLL(None)
+_LIBC.srand.argtypes = [ctypes.c_uint]
+_LIBC.srand.restype = None
 
 
 def _load_library() -> tuple[ctypes.CDLL, int]:
@@ -163,11 +168,13 @@ class Espeak:
   def synthesize(self, text: str, rand_seed: int = 0) -> Synthesis:
     """Speaks `text` with the current voice; returns samples and phonemes.
 
-    `rand_seed` reseeds espeak's internal noise so output is reproducible.
+    `rand_seed` reseeds espeak's internal noise and libc's rand() (used by
+    the Klatt voices) so output is reproducible.
     """
     self._chunks, self._phonemes = [], []
     lib = self._library()
     lib.espeak_ng_SetRandSeed(rand_seed)
+    _LIBC.srand(rand_seed & 0xFFFFFFFF)
     data = text.encode("utf-8") + b"\0"
     buf = ctypes.create_string_buffer(data, len(data))
     status = lib.espeak_Synth(buf, len(data), 0, _POS_CHARACTER, 0,

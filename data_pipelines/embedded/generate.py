@@ -5,7 +5,8 @@
 Writes `<out>/<speaker_id>/<session_id>/<utt>.flac` (16 kHz mono, 16-bit), a
 phoneme track `<utt>.phn.tsv` next to each (rows `start_s end_s phoneme`,
 contiguous, covering the whole file, pauses and padding labelled `sil`) and
-`<out>/speakers.json` (every speaker's and session's parameters, with split).
+`<out>/speakers.json` (every speaker's and session's parameters, with split,
+and the espeak-ng voices used, held out and skipped).
 Every utterance is a pure function of (seed, speaker, session, utterance), so
 the corpus is byte-identical for a seed whatever the worker count, and an
 interrupted run resumes where it stopped.
@@ -14,7 +15,9 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -41,10 +44,12 @@ PHONEME_SUFFIX = ".phn.tsv"
 SPEAKERS_FILE = "speakers.json"
 DONE_FILE = ".embedded_corpus_done"
 # Bump when a change alters the generated audio, so old caches are redone.
-CORPUS_VERSION = 1
+# 2: every variant, many languages, session channels; 3: libc rand() seeded.
+CORPUS_VERSION = 3
 _PAD_SECONDS = (0.15, 0.9)    # Total leading + trailing silence.
 _TARGET_RMS_DB = -20.0
 _MAX_ATTEMPTS = 10
+_CHANNEL_TAPS = 257           # Odd: linear phase, centred with no delay.
 _TEMP_NAME = re.compile(r"\.tmp\d+$")  # f"{final}.tmp{pid}", see _run_job.
 
 
@@ -102,6 +107,29 @@ def _warp(samples: np.ndarray, source_rate: int) -> np.ndarray:
                                     ).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def channel_filter(session: speakers_lib.Session) -> np.ndarray:
+  """Linear-phase FIR `[taps]`: the session's EQ, band limit and tilt.
+
+  Linear phase so that filtering (centred) moves no phoneme boundary.
+  """
+  freqs = np.linspace(0.0, SAMPLE_RATE / 2, 257)
+  gain_db = np.interp(np.log(np.maximum(freqs, 20.0)),
+                      np.log(speakers_lib.EQ_CENTRES_HZ), session.eq_db)
+  gain = 10 ** (gain_db / 20)
+  gain *= np.abs(1 + session.tilt * np.exp(-1j * np.pi * freqs
+                                           / (SAMPLE_RATE / 2)))
+  if session.lowpass_hz < SAMPLE_RATE / 2:  # 4th-order roll-off.
+    gain /= np.sqrt(1 + (freqs / session.lowpass_hz) ** 8)
+  if session.highpass_hz > 0:               # 2nd-order roll-off.
+    gain /= np.sqrt(1 + (session.highpass_hz / np.maximum(freqs, 1.0)) ** 4)
+  return scipy.signal.firwin2(_CHANNEL_TAPS, freqs, gain, fs=SAMPLE_RATE)
+
+
+def _through_channel(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
+  return scipy.signal.oaconvolve(x, taps, mode="same")
+
+
 def render_utterance(speaker: speakers_lib.Speaker,
                      session: speakers_lib.Session, rng: np.random.Generator,
                      seconds: tuple[float, float]) -> Utterance:
@@ -147,14 +175,18 @@ def render_utterance(speaker: speakers_lib.Speaker,
   pad = rng.uniform(pad_lo, pad_hi)
   lead = int(round(pad * rng.uniform(0.3, 0.7) * SAMPLE_RATE))
   trail = int(round(pad * SAMPLE_RATE)) - lead
-  # Recording channel of the session: tilt, level, noise floor.
-  speech = scipy.signal.lfilter([1.0, session.tilt], [1.0], speech)
-  rms = np.sqrt(np.mean(speech[np.abs(speech) > 1e-4] ** 2) + 1e-12)
+  # Recording channel of the session (EQ, band limit, tilt) over the speech
+  # and its noise floor, then the level.
+  taps = channel_filter(session)
+  voiced = _through_channel(
+      np.concatenate([np.zeros(lead), speech, np.zeros(trail)]), taps)
+  active = voiced[np.abs(voiced) > 1e-3 * np.abs(voiced).max()]
   level_db = _TARGET_RMS_DB + session.gain_db + rng.uniform(-1.5, 1.5)
-  speech = speech * (10 ** (level_db / 20) / rms)
-  audio = np.concatenate([np.zeros(lead), speech, np.zeros(trail)])
-  noise_rms = 10 ** ((level_db + session.noise_db) / 20)
-  audio = audio + rng.normal(0.0, noise_rms, len(audio))
+  voiced *= 10 ** (level_db / 20) / np.sqrt(np.mean(active ** 2) + 1e-12)
+  noise = _through_channel(rng.normal(0.0, 1.0, len(voiced)), taps)
+  noise *= 10 ** ((level_db + session.noise_db) / 20) / np.sqrt(
+      np.mean(noise ** 2) + 1e-12)
+  audio = voiced + noise
   peak = np.max(np.abs(audio))
   if peak > 0.99:
     audio = audio * (0.99 / peak)
@@ -259,11 +291,14 @@ def _clear_previous(out_root: str, config_hash: str) -> None:
       os.remove(os.path.join(out_root, name))
 
 
-def generate_corpus(out_root: str, *, seed: int = 0, num_speakers: int = 60,
-                    utts_per_speaker: tuple[int, int] = (20, 40),
+def generate_corpus(out_root: str, *, seed: int = 0, num_speakers: int = 240,
+                    utts_per_speaker: tuple[int, int] = (12, 24),
                     seconds: tuple[float, float] = (2.0, 8.0),
                     num_workers: int | None = None) -> str:
   """Generates (or finds cached) the embedded corpus under `out_root`.
+
+  Speakers and splits as `speakers.draw_speakers` makes them, over every
+  usable espeak-ng variant (those that fail are skipped and logged).
 
   Returns `out_root`. A second call with the same arguments returns at once;
   an interrupted call resumes; other arguments regenerate the folder.
@@ -285,11 +320,13 @@ def generate_corpus(out_root: str, *, seed: int = 0, num_speakers: int = 60,
   start = time.time()
   os.makedirs(out_root, exist_ok=True)
   _clear_previous(out_root, config_hash)
-  speakers = [speakers_lib.draw_speaker(seed, i, num_speakers,
-                                        tuple(utts_per_speaker))
-              for i in range(num_speakers)]
+  voices = speakers_lib.usable_voices()
+  speakers = speakers_lib.draw_speakers(seed, num_speakers,
+                                        tuple(utts_per_speaker), voices)
   _write_json(os.path.join(out_root, SPEAKERS_FILE), dict(
       config=config, config_hash=config_hash,
+      voices=dict(**dataclasses.asdict(speakers_lib.split_voices(seed, voices)),
+                  skipped=voices.skipped),
       speakers={s.speaker_id: dataclasses.asdict(s) for s in speakers}))
   jobs = [_Job(out_root, seed, tuple(seconds), i, j, k + 1, spk)
           for i, spk in enumerate(speakers)
@@ -310,7 +347,12 @@ def generate_corpus(out_root: str, *, seed: int = 0, num_speakers: int = 60,
   with open(done_path + ".tmp", "w") as f:
     f.write(config_hash + "\n")
   os.replace(done_path + ".tmp", done_path)
-  print(f"Embedded corpus at {out_root}: {num_speakers} speakers, {len(jobs)} "
+  counts = collections.Counter(s.split for s in speakers)
+  print(f"Embedded corpus at {out_root}: {num_speakers} speakers "
+        f"({', '.join(f'{n} {k}' for k, n in counts.items())}) over "
+        f"{len({s.variant for s in speakers})} variants and "
+        f"{len({s.language for s in speakers})} languages "
+        f"({len(voices.skipped)} voices skipped), {len(jobs)} "
         f"utterances, {sum(durations) / 3600:.2f} h, generated in "
         f"{time.time() - start:.1f} s with {num_workers} workers.",
         file=sys.stderr)
@@ -321,8 +363,8 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True, help="Corpus folder.")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--num_speakers", type=int, default=60)
-  parser.add_argument("--utts_per_speaker", type=int, nargs=2, default=(20, 40))
+  parser.add_argument("--num_speakers", type=int, default=240)
+  parser.add_argument("--utts_per_speaker", type=int, nargs=2, default=(12, 24))
   parser.add_argument("--seconds", type=float, nargs=2, default=(2.0, 8.0))
   parser.add_argument("--num_workers", type=int, default=None)
   args = parser.parse_args(argv)
