@@ -24,6 +24,11 @@ Example (N = clip samples, F = N // hop frames, S = `k_max` slots):
   num_speakers  int32   []      K.
   skipped       int32   []      unusable utterances re-drawn for this example
                                 (damaged shard, silent crop), for run totals.
+
+With augmentation (`augment.py`, `config.data.augment`), `mixture` is the
+augmented recording (reverberant sources + noise, through a channel),
+`sources` the reverberant images, and `clean` [N] the dry mixture; K = 0
+examples may then hold noise only. Without it, `clean` reads as `mixture`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from data_pipelines import augment as augment_lib
 from data_pipelines import framing
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import phonemes as phonemes_lib
@@ -186,13 +192,16 @@ _SKIP_REASONS = {**storage.SKIP_REASONS,
 def make_example(store: storage.AudioStore, index: MixtureIndex,
                  cfg: MixtureConfig, rng: np.random.Generator, *,
                  anchor: int | None = None,
-                 skips: collections.Counter | None = None
+                 skips: collections.Counter | None = None,
+                 num_speakers: int | None = None,
+                 segments: list | None = None
                  ) -> dict[str, np.ndarray]:
   """Draws one example (keys and shapes in the module docstring).
 
   All randomness comes from `rng`. `anchor` (an utterance index into
   `index.utterances`) fixes the first source; `skips` counts unusable draws by
-  reason (they are re-drawn, each one logged).
+  reason (they are re-drawn, each one logged); `num_speakers` fixes K;
+  `segments`, when given, receives each placed source's [start, end) samples.
   """
   if cfg.k_max > len(index.eligible):
     raise ValueError(f"k_max={cfg.k_max} needs as many speakers with usable "
@@ -200,12 +209,15 @@ def make_example(store: storage.AudioStore, index: MixtureIndex,
   n, hop = cfg.num_samples, cfg.hop
   is_mixture = rng.random() < cfg.p_mixture
   k = int(rng.integers(cfg.k_min, cfg.k_max + 1)) if is_mixture else 1
+  if num_speakers is not None:
+    k = num_speakers
   ex = empty_example(cfg)
   ex["num_speakers"] = np.asarray(k, np.int32)
   sources = ex["sources"]
   floor = 10.0 ** (cfg.activity_floor_db / 10) * hop  # On frame sum-squares.
   rel = 10.0 ** (cfg.activity_rel_db / 10)
   used: list[int] = []
+  segments = [] if segments is None else segments
   num_skips = 0
   while len(used) < k:
     slot = len(used)
@@ -263,6 +275,7 @@ def make_example(store: storage.AudioStore, index: MixtureIndex,
       centres = np.arange(c0, c1) * hop + (hop // 2 - onset + crop)
       ex["phonemes"][slot, c0:c1] = index.intervals[u].labels_at(centres)
     ex["speakers"][slot] = spk
+    segments.append((onset, onset + length))
     used.append(spk)
 
   if k:
@@ -276,41 +289,80 @@ def make_example(store: storage.AudioStore, index: MixtureIndex,
   return ex
 
 
+def babble_speech(store: storage.AudioStore, index: MixtureIndex,
+                   count: int = 64, seed: int = 0) -> list[np.ndarray]:
+  """`count` random utterances of the split (up to 6 s each) for babble."""
+  rng = np.random.default_rng(seed)
+  speech = []
+  for u in rng.permutation(len(index.utterances))[:count]:
+    utt = index.utterances[int(u)]
+    audio, _ = storage.read_or_skip(store, utt, 0,
+                                    min(utt.num_samples, 6 * utt.sample_rate),
+                                    context="babble")
+    if audio is not None:
+      speech.append(audio)
+  return speech
+
+
 class MixtureTransform(grain.transforms.RandomMap):
   """Anchor utterance index -> example; `skips` counts re-drawn utterances.
 
   The counter lives in whichever process runs the transform (each grain worker
-  has its own copy); every skip is also logged there.
+  has its own copy); every skip is also logged there. With `augment`, the
+  noise and RIR banks are built here, once, and travel with the transform.
   """
 
   def __init__(self, store: storage.AudioStore, index: MixtureIndex,
-               cfg: MixtureConfig):
+               cfg: MixtureConfig,
+               augment: augment_lib.AugmentConfig | None = None):
     self.store, self.index, self.cfg = store, index, cfg
     self.skips: collections.Counter = collections.Counter()
+    self.augment = augment if augment is not None and augment.enabled else None
+    self.banks = None
+    if self.augment is not None:
+      speech = (babble_speech(store, index, seed=self.augment.bank_seed)
+                if "babble" in self.augment.kinds else None)
+      self.banks = augment_lib.Banks.build(self.augment, speech)
 
   def random_map(self, element: int, rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
-    return make_example(self.store, self.index, self.cfg, rng,
-                        anchor=int(element), skips=self.skips)
+    if self.augment is None:
+      return make_example(self.store, self.index, self.cfg, rng,
+                          anchor=int(element), skips=self.skips)
+    noise_only = rng.random() < self.augment.p_noise_only
+    segments = []
+    ex = make_example(self.store, self.index, self.cfg, rng,
+                      anchor=int(element), skips=self.skips,
+                      num_speakers=0 if noise_only else None,
+                      segments=segments)
+    ex["noise_only"] = noise_only
+    ex["segments"] = segments
+    augment_lib.augment_example(ex, self.augment, self.banks, rng)
+    return ex
 
 
 class SelectKeys(grain.transforms.Map):
   """Keeps only the example entries a consumer reads (less to ship between
-  worker processes: `sources` alone is K_max x N floats)."""
+  worker processes: `sources` alone is K_max x N floats). `clean` of an
+  unaugmented stream is its mixture."""
 
   def __init__(self, keys: Sequence[str]):
     self.keys = tuple(keys)
 
   def map(self, element: dict) -> dict:
-    return {k: element[k] for k in self.keys}
+    return {k: element["mixture" if k == "clean" and k not in element else k]
+            for k in self.keys}
 
 
 def example_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
                     seed: int, num_epochs: int | None = None,
-                    index: MixtureIndex | None = None) -> grain.MapDataset:
+                    index: MixtureIndex | None = None,
+                    augment: augment_lib.AugmentConfig | None = None
+                    ) -> grain.MapDataset:
   """The unbatched, unsharded stream as a `MapDataset` (position -> example)."""
   index = index or MixtureIndex.from_manifest(manifest_path, split)
-  transform = MixtureTransform(storage.AudioStore(manifest_path), index, cfg)
+  transform = MixtureTransform(storage.AudioStore(manifest_path), index, cfg,
+                               augment)
   return (grain.MapDataset.range(len(index.utterances))
           .shuffle(seed=seed)
           .repeat(num_epochs)
@@ -322,7 +374,9 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
                     shard_count: int = 1, num_workers: int = 0,
                     num_epochs: int | None = None, read_threads: int = 1,
                     index: MixtureIndex | None = None,
-                    keys: Sequence[str] | None = None) -> grain.IterDataset:
+                    keys: Sequence[str] | None = None,
+                    augment: augment_lib.AugmentConfig | None = None
+                    ) -> grain.IterDataset:
   """Batched mixture stream of one host: dicts of `[batch_size, ...]` arrays.
 
   Args:
@@ -335,12 +389,13 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
       demand). Examples hold the GIL most of the time, so more threads than
       one rarely help; use workers.
     keys: example entries to keep (None: all).
+    augment: room/noise/channel augmentation (None or not enabled: none).
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"Need 0 <= shard_index < shard_count; found "
                      f"{shard_index}, {shard_count}.")
   ds = example_dataset(manifest_path, split, cfg, seed=seed,
-                       num_epochs=num_epochs, index=index)
+                       num_epochs=num_epochs, index=index, augment=augment)
   # Batching the MapDataset keeps batch i = examples [i*B, (i+1)*B) of this
   # host's stream whatever the worker count, and runs the (memory-bound)
   # stacking inside the workers, which then ship whole batches.

@@ -1,7 +1,8 @@
 """The training stream of a stage, from its `config.data` block.
 
-`config.data` holds the stream's own settings (`STREAM_FIELDS`) and every
-`MixtureConfig` field; anything else is a typo and fails here, naming it. The
+`config.data` holds the stream's own settings (`STREAM_FIELDS`), every
+`MixtureConfig` field and an `augment` block of `AugmentConfig` fields;
+anything else is a typo and fails here, naming it. The
 stage's objective terms say which example entries reach the devices (`keys`),
 so mixtures for speaker training never ship `sources` and routing gets them.
 """
@@ -12,10 +13,12 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
+from data_pipelines import augment as augment_lib
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
 
-STREAM_FIELDS = ("manifest", "corpus_size", "batch_size", "num_workers")
+STREAM_FIELDS = ("manifest", "corpus_size", "batch_size", "num_workers",
+                 "augment")
 
 
 def resolve_manifest(data_config) -> str:
@@ -42,6 +45,21 @@ def mixture_config(data_config) -> mixtures.MixtureConfig:
       **{k: data_config[k] for k in fields if k in data_config})
 
 
+def augment_config(data_config) -> augment_lib.AugmentConfig | None:
+  """`AugmentConfig` from `config.data.augment` (None when absent)."""
+  block = data_config.get("augment")
+  if block is None:
+    return None
+  fields = {f.name for f in dataclasses.fields(augment_lib.AugmentConfig)}
+  unknown = sorted(set(block) - fields)
+  if unknown:
+    raise ValueError(f"config.data.augment has unknown fields {unknown}; "
+                     f"known: {sorted(fields)}.")
+  return augment_lib.AugmentConfig(
+      **{k: tuple(v) if isinstance(v, (list, tuple)) else v
+         for k, v in block.items()})
+
+
 def stage_stream(data_config, manifest_path: str, keys: Sequence[str], *,
                  seed: int, split: str = manifest_lib.TRAIN,
                  shard_index: int = 0, shard_count: int = 1):
@@ -53,4 +71,5 @@ def stage_stream(data_config, manifest_path: str, keys: Sequence[str], *,
       manifest_path, split, mixture_config(data_config), seed=seed,
       batch_size=data_config.batch_size // shard_count,
       shard_index=shard_index, shard_count=shard_count,
-      num_workers=data_config.num_workers, keys=tuple(keys))
+      num_workers=data_config.num_workers, keys=tuple(keys),
+      augment=augment_config(data_config))

@@ -40,8 +40,8 @@ def check_objective(objective, heads) -> None:
 
 def batch_keys(objective) -> tuple[str, ...]:
   """The stream entries the active terms read (sorted, no duplicates)."""
-  return tuple(sorted({k for term, _ in active_terms(objective).values()
-                       for k in term.batch_keys}))
+  return tuple(sorted({k for term, cfg in active_terms(objective).values()
+                       for k in term.keys(cfg)}))
 
 
 def term_rng(rng: jax.Array, name: str) -> jax.Array:

@@ -11,6 +11,7 @@ import dataclasses
 
 import ml_collections
 
+from data_pipelines import augment as augment_lib
 from data_pipelines import mixtures
 
 VARIANTS = ("smoke", "cpu", "canonical")
@@ -27,9 +28,12 @@ def _data() -> dict:
   mixture.update(clip_seconds=4.0, k_min=1, k_max=3,
                  p_mixture=0.5,          # Single clips and mixtures.
                  gain_db=5.0)
+  # Room / noise / channel augmentation (data_pipelines/augment.py), on for
+  # training: a model that never heard a room learns the corpus, not speech.
+  augment = dataclasses.asdict(augment_lib.AugmentConfig(enabled=True))
   return dict(manifest="",               # "" = the embedded default corpus.
               corpus_size="default",     # Embedded corpus size then.
-              batch_size=256, num_workers=16, **mixture)
+              batch_size=256, num_workers=16, augment=augment, **mixture)
 
 
 def base(variant: str | None) -> ml_collections.ConfigDict:
@@ -61,7 +65,8 @@ def base(variant: str | None) -> ml_collections.ConfigDict:
       jepa=dict(weight=1.0, mask_fraction=0.6,
                 span_tokens=(10,),     # 200 ms at 20 ms tokens.
                 loss="smooth_l1", target_layers=4,
-                sigreg_weight=0.0, sigreg_directions=256),
+                sigreg_weight=0.0, sigreg_directions=256,
+                clean_targets=True),   # Targets see the dry mixture.
       # Clip-level JEPA: a half's pooled embedding predicts the other half's
       # (see jepa.cross_crop_loss); the context half gets a random +-6 dB
       # smooth equaliser, a generic channel change.
@@ -80,7 +85,14 @@ def base(variant: str | None) -> ml_collections.ConfigDict:
   c.checkpoint = dict(every=1000, keep=3)
   c.evals = dict(speaker=dict(type="speaker", every=5000, seconds=4.0,
                               batch_size=64, max_utterances_per_speaker=40,
-                              random_floor=True))
+                              random_floor=True),
+                 # At the end only: clean / noisy / reverberant / telephone
+                 # speaker ID and noise false alarm (see robustness.py).
+                 robustness=dict(type="robustness", every=10**9, seconds=4.0,
+                                 batch_size=64, max_utterances_per_speaker=16,
+                                 conditions=augment_lib.CONDITIONS,
+                                 noise_only_clips=96, noise_dir="",
+                                 rir_dir=""))
   if variant == "cpu":
     c.total_steps = 2000
     c.log_every = 25
@@ -96,11 +108,13 @@ def base(variant: str | None) -> ml_collections.ConfigDict:
     c.optim.update(warmup_steps=100)
     c.checkpoint.every = 200
     c.evals.speaker.update(every=500, seconds=3.0, batch_size=32)
+    c.evals.robustness.update(seconds=3.0, batch_size=32)
   elif variant == "smoke":
     c.total_steps = 6
     c.log_every = 2
     c.data.update(corpus_size="tiny", batch_size=8, num_workers=0,
                   clip_seconds=2.0)
+    c.data.augment.update(num_rooms=2, bank_clips=2)  # Banks in milliseconds.
     c.model.update(compute_dtype="float32", rwse_heads=2,
                    speaker_embed_dim=32)
     c.model.encoder.update(width=64, depth=2, num_heads=2, mlp_dim=128,
@@ -111,4 +125,8 @@ def base(variant: str | None) -> ml_collections.ConfigDict:
     c.checkpoint.every = 3
     c.evals.speaker.update(every=6, seconds=2.0, batch_size=8,
                            max_utterances_per_speaker=4)
+    c.evals.robustness.update(seconds=2.0, batch_size=8,
+                              max_utterances_per_speaker=3,
+                              conditions=("clean", "snr10"),
+                              noise_only_clips=4)
   return c

@@ -36,7 +36,8 @@ def fixed_batch(config, b=4, k=3):
   n = clip_samples(config)
   r = np.random.default_rng(0)
   f = n // 160
-  return {"mixture": (0.1 * r.standard_normal((b, n))).astype(np.float32),
+  mixture = (0.1 * r.standard_normal((b, n))).astype(np.float32)
+  return {"mixture": mixture, "clean": mixture,  # As in an unaugmented stream.
           "speakers": r.integers(0, 8, (b, k)).astype(np.int32),
           "activity": (r.random((b, k, f)) > 0.5).astype(np.float32)}
 
@@ -101,12 +102,16 @@ def test_composer_sums_listed_terms_with_their_own_keys():
 def test_zero_weight_terms_are_not_computed_and_keys_follow_terms():
   config = smoke(stage2_speaker.get_config, **{"objective.speaker.weight": 0.0})
   assert "speaker" not in losses.active_terms(config.objective)
-  assert losses.batch_keys(config.objective) == ("activity", "mixture")
+  assert losses.batch_keys(config.objective) == ("activity", "clean",
+                                                  "mixture")
   stage1 = smoke(stage1_jepa.get_config)
-  assert losses.batch_keys(stage1.objective) == ("mixture",)
+  assert losses.batch_keys(stage1.objective) == ("clean", "mixture")
   stage2 = smoke(stage2_speaker.get_config)
-  assert losses.batch_keys(stage2.objective) == ("activity", "mixture",
-                                                  "speakers")
+  assert losses.batch_keys(stage2.objective) == ("activity", "clean",
+                                                  "mixture", "speakers")
+  no_clean = smoke(stage1_jepa.get_config,
+                   **{"objective.jepa.clean_targets": False})
+  assert losses.batch_keys(no_clean.objective) == ("mixture",)
 
 
 def test_bad_objective_is_named():

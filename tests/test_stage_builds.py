@@ -20,6 +20,7 @@ STAGES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(
 
 ENTRIES = {  # Shapes of the stream's entries, [B, ...] added below.
     "mixture": lambda n, k: ((n,), jnp.float32),
+    "clean": lambda n, k: ((n,), jnp.float32),
     "sources": lambda n, k: ((k, n), jnp.float32),
     "speakers": lambda n, k: ((k,), jnp.int32),
     "activity": lambda n, k: ((k, n // framing.HOP), jnp.float32),

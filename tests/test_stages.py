@@ -44,8 +44,16 @@ def test_stage2_chains_from_stage1(stage1_workdir, monkeypatch, tmp_path):
   assert margins[0] == 0.0 and margins[-1] == pytest.approx(0.2)
   # Evaluations of all three encoders are reported.
   for key in ("speaker/projection_top1", "speaker/projection_eer",
-              "speaker/target_best_top1", "speaker/random_best_top1"):
+              "speaker/target_best_top1", "speaker/random_best_top1",
+              "speaker/mfcc_top1", "speaker/mfcc_eer"):
     assert 0.0 <= final[key] <= 1.0
+  # And under the conditions, beside both floors, at the end.
+  for condition in ("clean", "snr10"):
+    for system in ("projection", "random", "mfcc"):
+      for what in ("top1", "eer"):
+        assert 0.0 <= final[f"robustness/heldout/{condition}/{system}_{what}"
+                           ] <= 1.0
+  assert 0.0 <= final["robustness/noise_false_alarm"] <= 1.0
 
   stage2_state, _, _ = checkpointing.load_state(workdir)
   for tree in ("encoder", "predictor"):

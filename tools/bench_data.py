@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from data_pipelines import augment as augment_lib
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
 from data_pipelines import storage
@@ -117,14 +118,15 @@ def _cpu_seconds() -> float:
 
 
 def _profile(manifest: str, split: str, cfg: mixtures.MixtureConfig,
-             count: int) -> None:
+             count: int, augment=None) -> None:
   index = mixtures.MixtureIndex.from_manifest(manifest, split)
-  store = storage.AudioStore(manifest)
+  transform = mixtures.MixtureTransform(storage.AudioStore(manifest), index,
+                                        cfg, augment)
   rngs = [np.random.default_rng(i) for i in range(count)]
   profiler = cProfile.Profile()
   profiler.enable()
-  for rng in rngs:
-    mixtures.make_example(store, index, cfg, rng)
+  for i, rng in enumerate(rngs):
+    transform.random_map(i % len(index.utterances), rng)
   profiler.disable()
   pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--keys", default=None,
                       help="comma-separated example entries to keep (the "
                       "trainer keeps mixture,speakers,activity,num_speakers)")
+  parser.add_argument("--augment", action="store_true",
+                      help="Room / noise / channel augmentation on, with the "
+                      "training defaults (data_pipelines/augment.py).")
   parser.add_argument("--profile", action="store_true",
                       help="Also profile make_example in this process.")
   args = parser.parse_args(argv)
@@ -160,10 +165,12 @@ def main(argv: list[str] | None = None) -> None:
 
   cfg = mixtures.MixtureConfig(clip_seconds=args.clip_seconds,
                                k_max=args.k_max)
+  augment = augment_lib.AugmentConfig(enabled=True)
   ds = mixtures.mixture_dataset(manifest, args.split, cfg, seed=0,
                                 batch_size=args.batch_size,
                                 num_workers=args.workers,
-                                keys=args.keys.split(",") if args.keys else None)
+                                keys=args.keys.split(",") if args.keys else None,
+                                augment=augment if args.augment else None)
   it = iter(ds)
   next(it)  # Start-up (worker spawn, index pickling) is not throughput.
   count, start, cpu_start = 0, time.perf_counter(), _cpu_seconds()
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
   if hasattr(it, "close"):
     it.close()  # Stops workers and prefetch threads before profiling.
   if args.profile:
-    _profile(manifest, args.split, cfg, count=500)
+    _profile(manifest, args.split, cfg, count=500,
+             augment=augment if args.augment else None)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def synthetic_batch(config, batch_size: int) -> dict:
   frames = n // HOP
   make = {  # Only the entries the terms read are drawn (sources are big).
       "mixture": lambda: 0.1 * rng.standard_normal((batch_size, n)),
+      "clean": lambda: 0.1 * rng.standard_normal((batch_size, n)),
       "sources": lambda: 0.1 * rng.standard_normal((batch_size, k, n)),
       "speakers": lambda: rng.integers(0, _CLASSES.value, (batch_size, k)),
       "activity": lambda: rng.random((batch_size, k, frames)) > 0.5,

@@ -5,10 +5,12 @@ every `config.evals.<name>.every` steps and at the end."""
 from __future__ import annotations
 
 from echo_jax.evaluators.diarization_eval import DiarizationEvaluator
+from echo_jax.evaluators.robustness import RobustnessEvaluator
 from echo_jax.evaluators.speaker_eval import SpeakerEvaluator
 from echo_jax.model import EchoModel
 
-EVALUATORS = {"speaker": SpeakerEvaluator, "diarization": DiarizationEvaluator}
+EVALUATORS = {"speaker": SpeakerEvaluator, "diarization": DiarizationEvaluator,
+              "robustness": RobustnessEvaluator}
 
 
 def build(config, model: EchoModel, manifest_path: str) -> list:

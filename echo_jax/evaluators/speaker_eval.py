@@ -3,7 +3,9 @@ split per speaker) and verification EER over all trial pairs.
 
 It embeds the same held-out clips with up to three encoders: the EMA target
 (mean-pooled, per layer), the stage-2 speaker projection when the model has
-one, and a randomly initialised encoder as the floor (computed once).
+one, and a randomly initialised encoder as the floor (computed once); beside
+it, the training-free MFCC-statistics floor (`floors.py`, `mfcc_*`). The same
+under noise, rooms and channels, and on unseen voice variants: robustness.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import storage
 from echo_jax import embed
+from echo_jax.evaluators import floors
 from echo_jax.evaluators import speaker_metrics
 from echo_jax.model import EchoModel
 
@@ -73,6 +76,8 @@ class SpeakerEvaluator:
       random_params = model.init(jax.random.PRNGKey(seed + 1), num_samples)
       self.random_floor = self._layer_metrics(random_params["encoder"],
                                               "random")
+      self.random_floor.update(self._report(
+          floors.mfcc_statistics(self.waves, self.lengths), "mfcc"))
     logging.info("%s: %d held-out utterances of %d speakers.", name,
                  len(utts), len(speakers))
 

@@ -168,13 +168,16 @@ def jepa_loss(encoder: Encoder,
               loss_kind: str = "smooth_l1",
               target_layers: int = 4,
               sigreg_weight: float = 0.0,
-              sigreg_directions: int = 256) -> tuple[jax.Array, dict]:
+              sigreg_directions: int = 256,
+              target_mel: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """JEPA loss on normalised log-mel `[batch, frames, n_mels]`.
 
   Args:
     params: `{'encoder': ..., 'predictor': ...}` trainable param trees.
     target_params: EMA encoder params (no gradient flows into them).
     rng: key for the masks and SIGReg directions.
+    target_mel: what the target encoder sees (default `mel`); e.g. the clean
+      mixture while the context sees its augmented copy (denoising targets).
 
   Returns:
     `(loss, metrics)`: loss = regression + sigreg_weight * sigreg; metrics are
@@ -188,7 +191,9 @@ def jepa_loss(encoder: Encoder,
                                               mask_fraction, span_tokens)
 
   target_params = jax.lax.stop_gradient(target_params)
-  target_hidden = encoder.apply({"params": target_params}, mel)["hidden"]
+  target_hidden = encoder.apply({"params": target_params},
+                                mel if target_mel is None else target_mel
+                                )["hidden"]
   targets = gather_tokens(layer_targets(target_hidden, target_layers),
                           target_idx)
 

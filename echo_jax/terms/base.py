@@ -30,6 +30,12 @@ class StepInputs:
     return self.model.log_mel(self.batch["mixture"])
 
   @functools.cached_property
+  def clean_mel(self) -> jax.Array:
+    """Normalised log-mel of the dry mixture (the mixture before room, noise
+    and channel augmentation; the mixture itself when the stream has none)."""
+    return self.model.log_mel(self.batch["clean"])
+
+  @functools.cached_property
   def features(self) -> jax.Array:
     """RWSE features [B, T, W] of the online encoder's full pass."""
     feats, _ = self.model.features(self.params, self.params["encoder"],
@@ -44,4 +50,10 @@ LossFn = Callable[[object, StepInputs, jax.Array], tuple[jax.Array, dict]]
 class Term:
   loss: LossFn
   heads: tuple[str, ...] = ()               # Heads it applies.
-  batch_keys: tuple[str, ...] = ("mixture",)  # Stream entries it reads.
+  # Stream entries it reads, or a function of the term's config giving them.
+  batch_keys: tuple[str, ...] | Callable[[object], tuple[str, ...]] = (
+      "mixture",)
+
+  def keys(self, cfg) -> tuple[str, ...]:
+    return self.batch_keys(cfg) if callable(self.batch_keys) else (
+        self.batch_keys)

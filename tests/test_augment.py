@@ -1,0 +1,176 @@
+"""Room / noise / channel augmentation of the mixture stream."""
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+import pytest
+import scipy.signal
+
+from data_pipelines import augment
+from data_pipelines import default_corpus
+from data_pipelines import framing
+from data_pipelines import mixtures
+from data_pipelines import storage
+from data_pipelines import stream
+
+SR = framing.SAMPLE_RATE
+SMALL = augment.AugmentConfig(enabled=True, num_rooms=3, bank_clips=3)
+
+
+@pytest.fixture(scope="module")
+def manifest():
+  return default_corpus.ensure_default_corpus(size="tiny")
+
+
+@pytest.fixture(scope="module")
+def index(manifest):
+  return mixtures.MixtureIndex.from_manifest(manifest, "train")
+
+
+def transform(manifest, index, **overrides):
+  cfg = mixtures.MixtureConfig(clip_seconds=2.0, k_max=2)
+  return mixtures.MixtureTransform(storage.AudioStore(manifest), index, cfg,
+                                   dataclasses.replace(SMALL, **overrides))
+
+
+def snr_db(speech, noisy, mask=None):
+  return 10 * np.log10(augment.power(speech, mask)
+                       / augment.power(noisy - speech))
+
+
+@pytest.mark.parametrize("target", [0.0, 10.0, 20.0])
+def test_noise_lands_at_the_requested_snr(target):
+  rng = np.random.default_rng(0)
+  speech = np.zeros(SR * 2, np.float32)
+  speech[8000:24000] = 0.1 * rng.standard_normal(16000)
+  mask = np.zeros(len(speech), bool)
+  mask[8000:24000] = True
+  noise = augment.coloured_noise(rng, len(speech), 1.0)
+  noisy = augment.add_noise(speech, noise, target, mask)
+  # Speech power over its active samples, noise power over the whole clip.
+  assert snr_db(speech, noisy, mask) == pytest.approx(target, abs=1e-3)
+
+
+def test_rirs_keep_the_direct_path_at_lag_zero():
+  banks = augment.Banks.build(SMALL, speech=[np.ones(SR, np.float32)])
+  for room in banks.rooms:
+    for rir in room:
+      assert np.argmax(np.abs(rir)) == 0 and rir[0] == pytest.approx(1.0)
+  rir = banks.rooms[0][0]
+  # A click at a frame boundary: its reverberant copy starts there, exactly.
+  dry = np.zeros(SR, np.float32)
+  dry[8000] = 1.0
+  wet = augment.convolve(dry, rir)
+  assert np.all(wet[:8000] == 0) and wet[8000] == pytest.approx(1.0)
+
+
+def test_reverberant_source_keeps_the_dry_activity(manifest, index):
+  tr = transform(manifest, index, p_reverb=1.0, p_noise=0.0, p_eq=0.0,
+                 p_bandlimit=0.0, p_telephone=0.0, gain_db=0.0,
+                 p_noise_only=0.0)
+  for i in range(4):
+    wet = tr.random_map(i, np.random.default_rng(i))
+    rng = np.random.default_rng(i)
+    rng.random()  # The transform's noise-only draw comes first.
+    dry = mixtures.make_example(tr.store, index, tr.cfg, rng, anchor=i)
+    # Same draws: the labels are the dry source's, and the dry mixture is kept.
+    np.testing.assert_array_equal(wet["activity"], dry["activity"])
+    np.testing.assert_array_equal(wet["clean"], dry["mixture"])
+    for slot in range(int(wet["num_speakers"])):
+      w, d = wet["sources"][slot], dry["sources"][slot]
+      onset = np.flatnonzero(d)[0]
+      assert np.all(w[:onset] == 0)            # Nothing before the dry onset,
+      assert not np.allclose(w, d)             # but a reverberant image,
+      xcorr = scipy.signal.correlate(w, d, mode="full", method="fft")
+      assert np.argmax(xcorr) == len(d) - 1    # aligned with the dry source.
+
+
+def test_noise_only_examples_hold_noise_and_no_activity(manifest, index):
+  tr = transform(manifest, index, p_noise_only=1.0)
+  for i in range(4):
+    ex = tr.random_map(i, np.random.default_rng(i))
+    assert int(ex["num_speakers"]) == 0
+    assert not ex["activity"].any() and np.all(ex["speakers"] == -1)
+    assert not ex["clean"].any()
+    level = 10 * np.log10(augment.power(ex["mixture"]))
+    lo, hi = SMALL.noise_only_level_db
+    assert lo - 6.5 <= level <= hi + 6.5      # +- the channel gain.
+
+
+def test_no_op_settings_leave_the_mixture_dry(manifest, index):
+  tr = transform(manifest, index, p_reverb=0.0, p_noise=0.0, p_eq=0.0,
+                 p_bandlimit=0.0, p_telephone=0.0, gain_db=0.0,
+                 p_noise_only=0.0)
+  ex = tr.random_map(3, np.random.default_rng(3))
+  np.testing.assert_array_equal(ex["mixture"], ex["clean"])
+
+
+def test_telephone_removes_the_upper_band():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(SR).astype(np.float32)
+  y = augment.telephone(x)
+  f, p = scipy.signal.welch(y, SR, nperseg=1024)
+  in_band = p[(f > 500) & (f < 3000)].mean()
+  # The band-pass and the 8 kHz rate leave the top band > 30 dB down.
+  assert p[f > 4500].mean() < 1e-3 * in_band
+  assert len(y) == len(x)
+
+
+def test_equaliser_changes_the_spectrum_but_not_wildly():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal(SR).astype(np.float32)
+  y = augment.equalise(x, np.random.default_rng(2))
+  f, px = scipy.signal.welch(x, SR, nperseg=512)
+  _, py = scipy.signal.welch(y, SR, nperseg=512)
+  ratio_db = 10 * np.log10(py[1:] / px[1:])
+  assert np.ptp(ratio_db) > 3.0 and np.abs(ratio_db).max() < 30.0
+
+
+def test_stream_is_deterministic_and_worker_independent(manifest, index):
+  cfg = mixtures.MixtureConfig(clip_seconds=2.0, k_max=2)
+  kw = dict(seed=5, batch_size=4, index=index, augment=SMALL,
+            keys=("mixture", "clean", "activity", "num_speakers"))
+  runs = []
+  for workers in (0, 0, 1):
+    it = iter(mixtures.mixture_dataset(manifest, "train", cfg,
+                                       num_workers=workers, **kw))
+    runs.append([next(it) for _ in range(2)])
+  for other in runs[1:]:
+    for a, b in zip(runs[0], other):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  # Augmented: the mixture is not the dry one.
+  assert any(not np.array_equal(b["mixture"], b["clean"]) for b in runs[0])
+
+
+def test_augment_config_names_unknown_fields():
+  data = ml_collections.ConfigDict(dict(augment=dict(enabled=True, p_rverb=1)))
+  with pytest.raises(ValueError, match="p_rverb"):
+    stream.augment_config(data)
+  with pytest.raises(ValueError, match="p_noise"):
+    augment.AugmentConfig(p_noise=1.5)
+  with pytest.raises(FileNotFoundError, match="noise_dir"):
+    augment.AugmentConfig(noise_dir="/nonexistent/musan")
+
+
+def test_user_noise_and_rir_folders(tmp_path):
+  import soundfile as sf
+  rng = np.random.default_rng(0)
+  (tmp_path / "musan" / "noise" / "free-sound").mkdir(parents=True)
+  (tmp_path / "rirs" / "smallroom" / "Room001").mkdir(parents=True)
+  for i in range(3):
+    sf.write(tmp_path / "musan" / "noise" / "free-sound" / f"n{i}.wav",
+             0.1 * rng.standard_normal(SR * 2), SR)
+    rir = np.concatenate([np.zeros(40), [0.8], 0.1 * rng.standard_normal(800)
+                          * np.exp(-np.arange(800) / 200)])
+    sf.write(tmp_path / "rirs" / "smallroom" / "Room001" / f"r{i}.wav", rir, SR)
+  (tmp_path / "musan" / "noise" / "broken.wav").write_bytes(b"not audio")
+  cfg = augment.AugmentConfig(enabled=True, noise_kinds=("coloured",),
+                              noise_dir=str(tmp_path / "musan"),
+                              rir_dir=str(tmp_path / "rirs"), bank_clips=2)
+  banks = augment.Banks.build(cfg)
+  assert set(banks.noise) == {"coloured", "files"}
+  assert len(banks.noise["files"]) == 2
+  assert len(banks.rooms) == 1 and len(banks.rooms[0]) == 3
+  assert all(np.argmax(np.abs(r)) == 0 for r in banks.rooms[0])

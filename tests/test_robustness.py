@@ -1,0 +1,91 @@
+"""Evaluation conditions and the training-free speaker floor."""
+
+import numpy as np
+import pytest
+
+from data_pipelines import augment
+from data_pipelines import framing
+from echo_jax.evaluators import floors
+from echo_jax.evaluators import robustness
+from echo_jax.evaluators import speaker_metrics
+
+SR = framing.SAMPLE_RATE
+
+
+@pytest.fixture(scope="module")
+def banks():
+  rng = np.random.default_rng(0)
+  speech = [0.1 * rng.standard_normal(SR * 2).astype(np.float32)
+            for _ in range(8)]
+  return augment.Banks.build(
+      augment.AugmentConfig(enabled=True, num_rooms=2, bank_clips=2), speech)
+
+
+def tone_clips(freqs, per_speaker=4, seconds=1.0, seed=0):
+  """A "speaker" = a harmonic tone of its own f0 with small random detuning
+  and level; silence at both ends."""
+  rng = np.random.default_rng(seed)
+  n = int(seconds * SR)
+  t = np.arange(n) / SR
+  waves, labels = [], []
+  for spk, f0 in enumerate(freqs):
+    for _ in range(per_speaker):
+      f = f0 * rng.uniform(0.99, 1.01)
+      x = sum(np.sin(2 * np.pi * f * h * t) / h for h in range(1, 6))
+      x = rng.uniform(0.05, 0.2) * x
+      x[:1600] = 0
+      x[-1600:] = 0
+      waves.append(x.astype(np.float32))
+      labels.append(spk)
+  return np.stack(waves), np.full(len(waves), n, np.int32), np.array(labels)
+
+
+@pytest.mark.parametrize("condition", ["snr0", "snr10", "snr20"])
+def test_noisy_conditions_hold_their_snr(condition, banks):
+  waves, lengths, _ = tone_clips([150, 300])
+  noisy = robustness.conditioned(waves, lengths, condition, banks, seed=3)
+  for clean, x in zip(waves, noisy):
+    mask = augment.speech_samples(clean)
+    snr = 10 * np.log10(augment.power(clean, mask) / augment.power(x - clean))
+    assert snr == pytest.approx(float(condition[3:]), abs=1e-3)
+
+
+def test_conditions_are_fixed_draws(banks):
+  waves, lengths, _ = tone_clips([150, 300])
+  for condition in augment.CONDITIONS:
+    a = robustness.conditioned(waves, lengths, condition, banks, seed=3)
+    b = robustness.conditioned(waves, lengths, condition, banks, seed=3)
+    np.testing.assert_array_equal(a, b)
+    if condition != "clean":
+      assert not np.array_equal(a, waves)
+  with pytest.raises(ValueError, match="Unknown condition"):
+    augment.apply_condition(waves[0], "underwater", banks,
+                            np.random.default_rng(0))
+
+
+def test_mfcc_floor_separates_tone_speakers_and_not_noise():
+  waves, lengths, labels = tone_clips([110, 190, 320, 550])
+  stats = floors.mfcc_statistics(waves, lengths)
+  assert stats.shape == (len(waves), 40)
+  np.testing.assert_allclose(stats.mean(0), 0, atol=1e-6)  # z-scored.
+  r = speaker_metrics.speaker_report(stats, labels)
+  assert r["top1"] == 1.0 and r["eer"] < 0.05
+  # The same "speakers" as white noise carry no identity: near chance.
+  rng = np.random.default_rng(1)
+  noise = 0.1 * rng.standard_normal(waves.shape).astype(np.float32)
+  r = speaker_metrics.speaker_report(floors.mfcc_statistics(noise, lengths),
+                                     labels)
+  assert r["eer"] > 0.25
+
+
+def test_table_lists_every_cell():
+  results = {"robustness/heldout/clean/projection_top1": 0.9,
+             "robustness/heldout/clean/projection_eer": 0.05,
+             "robustness/heldout/clean/random_top1": 0.5,
+             "robustness/heldout/clean/random_eer": 0.3,
+             "robustness/unseen_variant/snr0/mfcc_top1": 0.4,
+             "robustness/unseen_variant/snr0/mfcc_eer": 0.35,
+             "robustness/noise_false_alarm": 0.0125}
+  table = robustness.format_table(results, "robustness")
+  assert "90.0 / 5.0" in table and "40.0 / 35.0" in table
+  assert "unseen_variant" in table and "1.25%" in table
