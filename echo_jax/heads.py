@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from echo_jax.models import heads as heads_lib
+from echo_jax.models.content_head import ContentHead
 from echo_jax.models.rwse import RWSE
 from echo_jax.objectives import arcface
 
@@ -73,6 +74,11 @@ HEADS: Mapping[str, HeadSpec] = {
                                jnp.zeros((1,), jnp.int32))),
     # Per-token speech logit (blind diarization's speech activity).
     "activity": HeadSpec(build=lambda m, info: nn.Dense(1), init_inputs=_frames),
+    # Frame-level content projection + anchor-GMM component logits (stage 3).
+    "content": HeadSpec(
+        build=lambda m, info: ContentHead(dim=m.content_dim,
+                                          num_components=m.content_components),
+        init_inputs=_frames),
 }
 
 

@@ -4,12 +4,14 @@ every `config.evals.<name>.every` steps and at the end."""
 
 from __future__ import annotations
 
+from echo_jax.evaluators.content_eval import ContentEvaluator
 from echo_jax.evaluators.diarization_eval import DiarizationEvaluator
 from echo_jax.evaluators.robustness import RobustnessEvaluator
 from echo_jax.evaluators.speaker_eval import SpeakerEvaluator
 from echo_jax.model import EchoModel
 
 EVALUATORS = {"speaker": SpeakerEvaluator, "diarization": DiarizationEvaluator,
+              "content": ContentEvaluator,
               "robustness": RobustnessEvaluator}
 
 

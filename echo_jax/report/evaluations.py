@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
 from echo_jax import diarizer as diarizer_lib
+from echo_jax.evaluators import content_eval
 from echo_jax.evaluators import diarization_eval
 from echo_jax.report.stages import StageRun, latest_step
 
@@ -85,8 +86,27 @@ def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
                              results=results))
 
 
+def content(runs: Sequence[StageRun], out_dir: str, variant: str
+            ) -> dict | None:
+  """The content evaluator's latest values (factorisation gap, phoneme
+  probes, PER) of the last stage with a content head, as `results` in
+  `out_dir`'s record, with a summary line (the trainer computed them)."""
+  del variant
+  capable = [r for r in runs if "content" in r.heads]
+  results = {k.split("/", 1)[1]: v
+             for k, v in (capable[-1].final if capable else {}).items()
+             if k.startswith("content/")}
+  if "gap_points" not in results:
+    return None
+  stage = capable[-1].stage.name
+  return _save(out_dir, dict(stage=stage, dir=out_dir, results=results,
+                             summary=[content_eval.summary_line(stage,
+                                                                results)]))
+
+
 Evaluation = Callable[[Sequence[StageRun], str, str], "dict | None"]
-EVALUATIONS: dict[str, Evaluation] = {"diarization": diarization}
+EVALUATIONS: dict[str, Evaluation] = {"diarization": diarization,
+                                      "content": content}
 
 
 def run_all(runs: Sequence[StageRun], root: str, variant: str) -> dict:

@@ -67,6 +67,18 @@ HEADLINES = (
              metric("robustness/noise_false_alarm"), higher_is_better=False),
     Headline("Blind DER, collar 0.25 s (trainer evaluation)",
              metric("diarization/blind_c0.25_der"), higher_is_better=False),
+    Headline("Factorisation gap: speaker minus content projection top-1 "
+             "(1% = 1 point)",
+             lambda m: (None if m.get("content/gap_points") is None
+                        else m["content/gap_points"] / 100)),
+    Headline("Held-out speaker k-NN top-1, content projection",
+             metric("content/content_top1"), higher_is_better=False),
+    Headline("Phoneme frame accuracy, linear probe on content projection",
+             metric("content/content_phone_linear"),
+             metric("content/random_phone_linear")),
+    Headline("Phone error rate, CTC on frozen content projection",
+             metric("content/content_per"), metric("content/random_per"),
+             higher_is_better=False),
 )
 
 

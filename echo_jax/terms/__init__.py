@@ -4,6 +4,7 @@ A new term: a module here with a `TERM`, and one entry in `TERMS`.
 """
 
 from echo_jax.terms import activity_term, crop_term, jepa_term, speaker_term
+from echo_jax.terms import content_term
 from echo_jax.terms.base import StepInputs, Term
 
 TERMS: dict[str, Term] = {
@@ -11,4 +12,5 @@ TERMS: dict[str, Term] = {
     "crop": crop_term.TERM,
     "speaker": speaker_term.TERM,
     "activity": activity_term.TERM,
+    "content": content_term.TERM,
 }

@@ -1,0 +1,50 @@
+"""Loss functions of the stage-3 content terms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def soft_cross_entropy(target: jax.Array, logits: jax.Array,
+                       weights: jax.Array | None = None) -> jax.Array:
+  """Mean over positions of -sum_k p_k log softmax(logits)_k.
+
+  Equals KL(p || q) + H(p), so for a fixed target it is minimal, at H(p),
+  exactly when q = softmax(logits) = p.
+
+  Args:
+    target: [..., K] distributions p (rows sum to 1).
+    logits: [..., K].
+    weights: [...] position weights (e.g. 1 at masked tokens); None = all 1.
+  """
+  ce = -jnp.sum(target * jax.nn.log_softmax(logits.astype(jnp.float32), -1),
+                axis=-1)
+  if weights is None:
+    return jnp.mean(ce)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def entropy(p: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """Mean entropy (nats) of distributions [..., K] (weighted like above)."""
+  h = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)
+  if weights is None:
+    return jnp.mean(h)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(h * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def cross_correlation_penalty(a: jax.Array, b: jax.Array,
+                              eps: float = 1e-5) -> jax.Array:
+  """Mean squared cross-correlation over the batch between every dim of
+  a [B, Da] and every dim of b [B, Db]: 0 when they are linearly unrelated.
+
+  Correlations, not covariances, so neither side can lower it by shrinking.
+  """
+  def standardise(x):
+    x = x.astype(jnp.float32)
+    x = x - x.mean(0)
+    return x / jnp.sqrt(jnp.mean(x * x, 0) + eps)
+  corr = standardise(a).T @ standardise(b) / a.shape[0]
+  return jnp.mean(corr * corr)

@@ -1,0 +1,114 @@
+"""`content`: phonetic content in the shared space (stage 3).
+
+Targets are the anchor GMM's posteriors of the *clean* frames (the stream's
+`clean` entry: the dry mixture, before room, noise and channel augmentation),
+averaged over each token's frames. The encoder sees the clean clip,
+or with `perturb.prob` a speaker-perturbed copy (`echo_jax.perturb`), with
+time spans masked out of its input (masked frames set to 0, the normalised
+log-mel's mean), and the content head predicts the targets at the masked
+tokens (soft cross-entropy).
+
+Speaker out of content: `cross_cov_weight` adds the mean squared
+cross-correlation, over the batch, between the pooled speaker projection and
+the pooled content projection of the clean clip. The speaker projection is
+behind a stop-gradient and the content term never applies the ArcFace head,
+so no gradient of this term reaches the speaker or ArcFace heads.
+
+The GMM (`echo_jax.anchors`) is read by a host callback (the file, fitted
+first if missing, then cached in memory), so tracing the step, e.g. under
+`jax.eval_shape`, never needs the corpus.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from echo_jax import anchors, audio, masking, perturb
+from echo_jax.objectives import content as content_lib
+from echo_jax.terms.base import StepInputs, Term
+
+
+@functools.lru_cache(maxsize=4)
+def _gmm(path: str, manifest: str, corpus_size: str,
+         settings: anchors.AnchorSettings) -> anchors.Gmm:
+  from data_pipelines import stream  # The corpus only when it is needed.
+  manifest_path = stream.resolve_manifest(
+      _DataRef(manifest=manifest, corpus_size=corpus_size))
+  return anchors.load_or_fit(
+      path or anchors.default_path(manifest_path, settings), manifest_path,
+      settings)
+
+
+class _DataRef(dict):
+  __getattr__ = dict.__getitem__
+
+
+def anchor_arrays(anchor_cfg) -> dict[str, jax.Array]:
+  """The GMM's arrays as step values (a host callback; see module doc)."""
+  settings = anchors.AnchorSettings.from_config(anchor_cfg)
+  fetch = lambda: _gmm(anchor_cfg.path, anchor_cfg.manifest,  # noqa: E731
+                       anchor_cfg.corpus_size, settings).arrays()
+  return jax.pure_callback(fetch, anchors.shapes(settings))
+
+
+def token_targets(model, anchor_cfg, clean_log_mel: jax.Array,
+                  num_tokens: int) -> jax.Array:
+  """GMM posteriors [B, T, K] of raw clean log-mel [B, F, n_mels]."""
+  settings = anchors.AnchorSettings.from_config(anchor_cfg)
+  feats = anchors.frame_features(clean_log_mel, settings)
+  log_post = anchors.log_posteriors(anchor_arrays(anchor_cfg), feats)
+  return jax.lax.stop_gradient(
+      anchors.token_targets(log_post, model.patch_frames, num_tokens))
+
+
+def loss(cfg, inputs: StepInputs, rng):
+  model, params = inputs.model, inputs.params
+  mask_rng, perturb_rng = jax.random.split(rng)
+  clean = inputs.batch["clean"]                                   # [B, N]
+  raw = audio.log_mel(clean, n_mels=model.n_mels)
+  mel = audio.normalize_log_mel(raw, model.mel_mean, model.mel_std)
+  b, num_tokens = mel.shape[0], model.num_tokens(clean.shape[-1])
+  targets = token_targets(model, cfg.anchor, raw, num_tokens)
+
+  metrics = {}
+  if cfg.perturb.prob > 0:
+    mel, shift = perturb.speaker_perturb(
+        perturb_rng, mel, max_semitones=cfg.perturb.max_semitones,
+        equalizer_db=cfg.perturb.equalizer_db, mel_std=model.mel_std,
+        prob=cfg.perturb.prob)
+    metrics["content/abs_shift"] = jnp.mean(jnp.abs(shift))
+  _, target_idx = masking.span_mask(mask_rng, b, num_tokens,
+                                    cfg.mask_fraction, tuple(cfg.span_tokens))
+  masked = jnp.zeros((b, num_tokens), bool).at[
+      jnp.arange(b)[:, None], target_idx].set(True)
+  frame_masked = jnp.repeat(masked, model.patch_frames, axis=1)
+  frame_masked = jnp.pad(frame_masked,
+                         ((0, 0), (0, mel.shape[1] - frame_masked.shape[1])))
+  mel = jnp.where(frame_masked[..., None], 0.0, mel)
+  feats, _ = model.features(params, params["encoder"], mel)
+  _, logits = model.apply_head("content", params, feats)
+  ce = content_lib.soft_cross_entropy(targets, logits, masked)
+  target_entropy = content_lib.entropy(targets, masked)
+  agree = (jnp.argmax(logits, -1) == jnp.argmax(targets, -1)) & masked
+  metrics.update({
+      "content/ce": ce, "content/kl": ce - target_entropy,
+      "content/target_entropy": target_entropy,
+      "content/top1": jnp.sum(agree) / jnp.sum(masked)})
+  total = ce
+  if cfg.cross_cov_weight:
+    speaker = jax.lax.stop_gradient(
+        model.apply_head("speaker", params, inputs.features))
+    projection, _ = model.apply_head("content", params, inputs.features)
+    xcorr = content_lib.cross_correlation_penalty(speaker,
+                                                  projection.mean(1))
+    metrics["content/xcorr"] = xcorr
+    total = total + cfg.cross_cov_weight * xcorr
+  metrics["content/loss"] = total
+  return total, metrics
+
+
+TERM = Term(loss=loss, heads=("rwse", "content"),
+            batch_keys=("mixture", "clean"))
