@@ -1,6 +1,9 @@
 """The Echo model as the diarization front-end: a stage-2 checkpoint gives the
 window speaker embeddings and the speech activity that `pipeline.diarize`
 consumes, and the PLDA back-end is fitted on its train-speaker embeddings.
+A stage-4 checkpoint (with the router) also gives, per window, the routing
+slots' existence, activity and speaker embeddings that the overlap-aware
+path (`overlap.diarize_overlap`) consumes.
 
 Which params: the *online* params (`state["params"]`), not the EMA target.
 The heads (RWSE, speaker projection, activity) were trained on top of the
@@ -33,6 +36,7 @@ from data_pipelines import storage
 from data_pipelines import stream
 from data_pipelines.framing import HOP
 from echo_jax import embed, inference
+from echo_jax.diarization import overlap as overlap_lib
 from echo_jax.diarization import pipeline
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
@@ -42,6 +46,12 @@ _log = logging.getLogger(__name__)
 
 # Heads a diarization checkpoint needs (stage 2 or later).
 REQUIRED_HEADS = ("rwse", "speaker", "activity")
+# The overlap-aware path also needs the stage-4 router.
+OVERLAP_HEADS = REQUIRED_HEADS + ("router",)
+METHODS = ("vbx", "overlap")
+# A slot's embedding pools the tokens where it speaks alone when it has at
+# least this many; else all its active tokens.
+MIN_ALONE_TOKENS = 5
 PLDA_FILE = "plda.npz"
 # Bumped when the PLDA fitting recipe changes, so stale files are refitted.
 _PLDA_RECIPE_VERSION = 1
@@ -73,6 +83,30 @@ def _token_speech_probs(model: EchoModel, params: dict, waves: jax.Array
   feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
   logits = model.apply_head("activity", params, feats)[..., 0]
   return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+
+def _route_windows(model: EchoModel, params: dict, waves: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[W, N] windows -> existence [W, S] and token activity [W, S, T]
+  probabilities of the router's last layer, and per-slot speaker embeddings
+  [W, S, D]: the stage-2 pooling over the tokens where the slot is active
+  and no other existing slot is (all its active tokens when it has fewer
+  than MIN_ALONE_TOKENS such tokens)."""
+  feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
+  out = model.apply_head("router", params, feats)
+  existence = jax.nn.sigmoid(out["existence"][-1])
+  activity = jax.nn.sigmoid(out["activity"][-1])
+  active = (activity > 0.5) & (existence > 0.5)[..., None]
+  alone = active & (active.sum(1, keepdims=True) == 1)
+  mask = jnp.where(alone.sum(-1, keepdims=True) >= MIN_ALONE_TOKENS, alone,
+                   active)
+  mask = jnp.where(mask.any(-1, keepdims=True), mask, True)
+  w, s, t = activity.shape
+  slot_feats = jnp.broadcast_to(feats[:, None], (w, s) + feats.shape[1:])
+  embeddings = model.apply_head("speaker", params,
+                                slot_feats.reshape((w * s,) + feats.shape[1:]),
+                                mask.reshape(w * s, t))
+  return existence, activity, embeddings.reshape(w, s, -1)
 
 
 class EchoDiarizer:
@@ -107,6 +141,12 @@ class EchoDiarizer:
     self.chunk_batch = int(chunk_batch)
     self._embed = embed.jit_with_model(embed.speaker_embeddings, model)
     self._speech = jax.jit(functools.partial(_token_speech_probs, model))
+    self._route = (jax.jit(functools.partial(_route_windows, model))
+                   if "router" in params["heads"] else None)
+    # Overlap-aware path: windows of the training clip length (positions the
+    # router saw), 50% hop.
+    self.overlap_cfg = overlap_lib.OverlapConfig(
+        window_seconds=self.chunk_samples / manifest_lib.SAMPLE_RATE)
     self.workdir: str | None = None
     self.step: int | None = None
     self.train_manifest: str | None = None
@@ -126,6 +166,50 @@ class EchoDiarizer:
       _log.warning("Training manifest of %s not found (%s); pass a manifest"
                    " to fit_plda.", workdir, e)
     return diarizer
+
+  @property
+  def has_router(self) -> bool:
+    """Whether the overlap-aware path is available (a stage-4 model)."""
+    return self._route is not None
+
+  def route_windows(self, windows: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[W, S] windows -> existence [W, slots], frame activity
+    [W, slots, S // 160] at 10 ms, slot embeddings [W, slots, D]."""
+    if self._route is None:
+      raise ValueError("This model has no router head; the overlap-aware"
+                       " path needs a stage-4 (routing) checkpoint. Use the"
+                       " VBx path (method 'vbx').")
+    windows = np.asarray(windows, np.float32)
+    batch = self.chunk_batch
+    outs = []
+    for start in range(0, len(windows), batch):
+      rows = windows[start:start + batch]
+      real = len(rows)
+      rows = np.pad(rows, ((0, batch - real), (0, 0)))
+      outs.append([np.asarray(a)[:real] for a in self._route(self.params,
+                                                             rows)])
+    existence, tokens, embeddings = (np.concatenate(parts)
+                                     for parts in zip(*outs))
+    frames = np.repeat(tokens, self.model.patch_frames, axis=-1)
+    num_frames = windows.shape[1] // HOP
+    frames = np.pad(frames, ((0, 0), (0, 0),
+                             (0, max(0, num_frames - frames.shape[-1]))),
+                    mode="edge")[..., :num_frames]
+    return existence, frames, embeddings
+
+  def diarize_waveform_overlap(self, waveform: np.ndarray,
+                               file_id: str = "file", *,
+                               cfg: overlap_lib.OverlapConfig | None = None
+                               ) -> list[rttm.Segment]:
+    """[N] 16 kHz -> segments by the overlap-aware path (overlapping
+    segments where two speakers talk at once)."""
+    if self.plda is None:
+      raise RuntimeError("No PLDA back-end: call fit_plda() or"
+                         " load_or_fit_plda() first.")
+    return overlap_lib.diarize_overlap(
+        waveform, route_windows=self.route_windows, plda=self.plda,
+        cfg=cfg or self.overlap_cfg, file_id=file_id)
 
   @property
   def window_samples(self) -> int:
@@ -263,14 +347,20 @@ class EchoDiarizer:
         speech_activity=speech_activity or self.speech_activity,
         plda=self.plda, cfg=cfg or self.cfg, file_id=file_id)
 
-  def diarize_file(self, path: str, file_id: str | None = None
-                   ) -> list[rttm.Segment]:
+  def diarize_file(self, path: str, file_id: str | None = None, *,
+                   method: str = "vbx") -> list[rttm.Segment]:
     """Any wav/flac (any rate, channels) -> RTTM segments (file id: the file
-    name without extension, spaces replaced by '_')."""
+    name without extension, spaces replaced by '_'). `method`: 'vbx' (one
+    speaker per frame) or 'overlap' (overlap-aware; needs a router)."""
+    if method not in METHODS:
+      raise ValueError(f"method={method!r}; choose from {METHODS}.")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"Audio file {path} does not exist.")
-    return self.diarize_waveform(pipeline.load_audio(path),
-                                 file_id or file_id_of(path))
+    waveform = pipeline.load_audio(path)
+    file_id = file_id or file_id_of(path)
+    if method == "overlap":
+      return self.diarize_waveform_overlap(waveform, file_id)
+    return self.diarize_waveform(waveform, file_id)
 
 
 def file_id_of(path: str) -> str:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from echo_jax.models import heads as heads_lib
 from echo_jax.models.content_head import ContentHead
+from echo_jax.models.router import SlotRouter
 from echo_jax.models.rwse import RWSE
 from echo_jax.objectives import arcface
 
@@ -57,6 +58,15 @@ def _arcface(model_config, info: BuildInfo) -> nn.Module:
                                    embed_dim=model_config.speaker_embed_dim)
 
 
+def _router(model_config) -> nn.Module:
+  r = model_config.router
+  return SlotRouter(num_slots=r.num_slots, width=r.width, depth=r.depth,
+                    num_heads=r.num_heads, mlp_dim=r.mlp_dim,
+                    latent_dim=model_config.encoder.width,
+                    latent_hidden=r.latent_hidden,
+                    activity_dim=r.activity_dim)
+
+
 HEADS: Mapping[str, HeadSpec] = {
     # Learned weighted sum of the encoder blocks: the features other heads read.
     "rwse": HeadSpec(
@@ -79,6 +89,8 @@ HEADS: Mapping[str, HeadSpec] = {
         build=lambda m, info: ContentHead(dim=m.content_dim,
                                           num_components=m.content_components),
         init_inputs=_frames),
+    # Routing slots (stage 4): per slot a latent sequence, existence, activity.
+    "router": HeadSpec(build=lambda m, info: _router(m), init_inputs=_frames),
 }
 
 

@@ -2,6 +2,15 @@ r"""Blind diarization of audio files with a stage-2 (or later) Echo checkpoint.
 
   python -m tools.diarize --workdir runs/cpu/stage2 --out rttm_dir \
       a.wav b.m4a folder/ ... [--Fb 17 --loop_prob 0.99 ...]
+  python -m tools.diarize --method overlap --workdir runs/cpu/stage4 ...
+
+`--method vbx` (default): 1.5 s windows, speech activity, PLDA + AHC + VBx,
+one speaker per frame. `--method overlap` (stage-4 checkpoints, which have
+the router): routing slots in windows of the training clip length with 50%
+hop, per-slot embeddings clustered by VBx with a per-window cannot-link
+assignment, overlap-added activities, so overlapped speech gets two
+speakers (`echo_jax/diarization/overlap.py`; the `DiarizationConfig` flags
+below belong to the VBx path).
 
 Audio is read as corpus preparation reads it (`data_pipelines.audio_io`):
 wav, flac, ogg, m4a/aac/mp4, mp3, any sample rate and channel count
@@ -64,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--plda_manifest", default=None,
                       help="manifest whose train speakers fit the PLDA"
                       " (default: the checkpoint's training corpus)")
+  parser.add_argument("--method", choices=diarizer_lib.METHODS,
+                      default="vbx", help="vbx: one speaker per frame;"
+                      " overlap: overlap-aware (needs a stage-4 router)")
   parser.add_argument("--refit_plda", action="store_true",
                       help="fit the PLDA even if plda.npz matches")
   parser.add_argument("files", nargs="+",
@@ -113,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
   diarizer = diarizer_lib.EchoDiarizer.from_workdir(
       args.workdir, cfg=config_from_args(args))
+  if args.method == "overlap" and not diarizer.has_router:
+    raise SystemExit(f"--method overlap needs a stage-4 (routing) checkpoint;"
+                     f" {args.workdir} has no router head. Use --method vbx.")
   if args.refit_plda:
     diarizer.fit_plda(args.plda_manifest)
   else:
@@ -122,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
   failed = len(input_errors)
   for file_id, path in ids.items():
     try:
-      segments = diarizer.diarize_file(path, file_id)
+      segments = diarizer.diarize_file(path, file_id, method=args.method)
     except (OSError, RuntimeError, ValueError) as e:
       # Unreadable / missing / malformed audio: skip it, keep the others.
       failed += 1

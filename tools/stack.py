@@ -192,6 +192,15 @@ def summary_lines(runs: Sequence[stages_lib.StageRun], records: dict,
         f"collar 0.25 s ({100 * blind[0.0]:.1f}% at 0), speaker count "
         f"accuracy {100 * r['blind']['count']['accuracy']:.0f}% on "
         f"{r['num_mixtures']} held-out mixtures")
+    if "overlap_aware" in r:
+      overlap = {c: r["overlap_aware"][f"collar_{c:.2f}"]["der"]
+                 for c in (0.0, 0.25)}
+      lines.append(
+          f"{diarization['stage']}: overlap-aware DER {100 * overlap[0.0]:.1f}%"
+          f" at collar 0 ({100 * overlap[0.25]:.1f}% at 0.25 s), speaker count"
+          f" accuracy {100 * r['overlap_aware']['count']['accuracy']:.0f}%")
+  for record in records.values():  # Evaluations that bring their own lines.
+    lines += record.get("summary", [])
   if timings:
     lines.append("Time this run: " + ", ".join(
         f"{name} {seconds / 60:.1f} min" for name, seconds in timings.items()))

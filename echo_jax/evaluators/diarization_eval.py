@@ -1,13 +1,17 @@
 """Blind diarization DER on held-out-speaker mixtures with unknown K.
 
-Mixtures come from `data_pipelines.mixtures.make_example` (split HELDOUT,
+Mixtures come from `eval_mixtures.HeldoutMixtures` (split HELDOUT,
 p_mixture 1, K drawn in [k_min, k_max]); the reference RTTM is each placed
-source's 10 ms activity. The pipeline runs twice per mixture:
+source's 10 ms activity. Per mixture, the pipeline runs as:
   blind            model speech activity, VBx speaker count (the headline);
   oracle_activity  the reference any-speaker activity as speech activity
                    (no smoothing), so missed / false alarm left are only the
                    overlap a one-speaker-per-frame output cannot label, and
-                   what remains is clustering (confusion, count).
+                   what remains is clustering (confusion, count);
+  overlap_aware    (stage-4 models with a router) slot activities in 50%-hop
+                   windows, per-slot embeddings, VBx with a per-window
+                   cannot-link assignment, overlap-added activities: the only
+                   variant that can label overlapped speech.
 DER by pyannote.metrics (`scoring.score`) over an explicit UEM (the whole
 clip) at collars 0 and 0.25 s each side; count accuracy from the number of
 hypothesis speakers vs K.
@@ -24,17 +28,16 @@ import time
 import numpy as np
 
 from data_pipelines import manifest as manifest_lib
-from data_pipelines import mixtures
-from data_pipelines import storage
 from echo_jax import diarizer as diarizer_lib
 from echo_jax.diarization import pipeline
 from echo_jax.diarization import rttm
 from echo_jax.diarization import scoring
+from echo_jax.evaluators.eval_mixtures import HeldoutMixtures
 from echo_jax.model import EchoModel
 
 _log = logging.getLogger(__name__)
 
-VARIANTS = ("blind", "oracle_activity")
+VARIANTS = ("blind", "oracle_activity", "overlap_aware")
 
 
 # NIST RT convention: a speaker's pauses shorter than 0.3 s do not end a turn.
@@ -102,26 +105,26 @@ def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
   if diarizer.plda is None:
     raise ValueError("diarizer has no PLDA back-end; call fit_plda() or"
                      " load_or_fit_plda() first.")
-  cfg = mixtures.MixtureConfig(clip_seconds=seconds, k_min=k_min, k_max=k_max,
-                               p_mixture=1.0)
-  index = mixtures.MixtureIndex.from_manifest(manifest_path,
-                                              manifest_lib.HELDOUT)
-  store = storage.AudioStore(manifest_path)
+  heldout = HeldoutMixtures(manifest_path, seconds=seconds, k_min=k_min,
+                            k_max=k_max, seed=seed)
+  cfg = heldout.cfg
+  variants = [v for v in VARIANTS
+              if v != "overlap_aware" or diarizer.has_router]
   # The oracle mask is used as is: smoothing would alter the reference.
   oracle_cfg = dataclasses.replace(diarizer.cfg, median_filter_frames=1,
                                    min_speech_seconds=0.0)
   reference, uem = {}, {}
-  hypotheses = {v: {} for v in VARIANTS}
+  hypotheses = {v: {} for v in variants}
   overlap, num_speakers = 0.0, []
   tick = time.time()
   for i in range(num_mixtures):
-    example = mixtures.make_example(store, index, cfg,
-                                    np.random.default_rng((seed, i)))
+    example = heldout.example(i)
     example["activity"] = fill_short_pauses(
         example["activity"],
         round(REFERENCE_MIN_PAUSE_SECONDS / pipeline.FRAME_SECONDS))
     file_id = f"mix{i:05d}"
-    reference[file_id] = reference_segments(example, file_id, index.speakers)
+    reference[file_id] = reference_segments(example, file_id,
+                                            heldout.speakers)
     uem[file_id] = [(0.0, cfg.num_samples / cfg.sample_rate)]
     overlap += overlap_excess_seconds(example["activity"])
     num_speakers.append(int(example["num_speakers"]))
@@ -131,10 +134,13 @@ def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
     hypotheses["oracle_activity"][file_id] = diarizer.diarize_waveform(
         example["mixture"], file_id, speech_activity=lambda _: oracle,
         cfg=oracle_cfg)
+    if "overlap_aware" in hypotheses:
+      hypotheses["overlap_aware"][file_id] = diarizer.diarize_waveform_overlap(
+          example["mixture"], file_id)
   elapsed = time.time() - tick
 
   results: dict = {v: _summary(scoring.score(reference, hypotheses[v], uem))
-                   for v in VARIANTS}
+                   for v in variants}
   total = results["blind"][scoring.collar_key(0.0)]["total"]
   results.update(
       num_mixtures=num_mixtures, seconds=seconds, k_min=k_min, k_max=k_max,
@@ -166,7 +172,7 @@ def _write_outputs(out_dir: str, reference: dict, hypotheses: dict, uem: dict,
 def flat_metrics(results: dict, prefix: str) -> dict[str, float]:
   """`evaluate_blind_der` output -> flat {prefix/name: value} scalars."""
   out = {}
-  for variant in VARIANTS:
+  for variant in _present(results):
     r = results[variant]
     for collar in (0.0, 0.25):
       c = r[scoring.collar_key(collar)]
@@ -181,18 +187,23 @@ def flat_metrics(results: dict, prefix: str) -> dict[str, float]:
   return {k: float(v) for k, v in out.items()}
 
 
+def _present(results: dict) -> list[str]:
+  """The variants `results` holds (overlap_aware only with a router)."""
+  return [v for v in VARIANTS if v in results]
+
+
 def format_report(results: dict) -> str:
   """A table: one row per variant and collar, then speaker counting."""
   rows = [f"{'variant':>16} {'collar(+-s)':>11} {'DER%':>7} {'miss%':>7}"
           f" {'FA%':>7} {'conf%':>7}"]
-  for variant in VARIANTS:
+  for variant in _present(results):
     for collar in (0.0, 0.25):
       c = results[variant][scoring.collar_key(collar)]
       rows.append(f"{variant:>16} {collar:>11.2f} {100 * c['der']:>7.2f}"
                   f" {100 * c['missed_rate']:>7.2f}"
                   f" {100 * c['false_alarm_rate']:>7.2f}"
                   f" {100 * c['confusion_rate']:>7.2f}")
-  for variant in VARIANTS:
+  for variant in _present(results):
     n = results[variant]["count"]
     rows.append(f"{variant:>16} speaker count: accuracy"
                 f" {100 * n['accuracy']:.1f}%  under {100 * n['under']:.1f}%"

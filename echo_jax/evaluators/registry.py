@@ -7,11 +7,12 @@ from __future__ import annotations
 from echo_jax.evaluators.content_eval import ContentEvaluator
 from echo_jax.evaluators.diarization_eval import DiarizationEvaluator
 from echo_jax.evaluators.robustness import RobustnessEvaluator
+from echo_jax.evaluators.routing_eval import RoutingEvaluator
 from echo_jax.evaluators.speaker_eval import SpeakerEvaluator
 from echo_jax.model import EchoModel
 
 EVALUATORS = {"speaker": SpeakerEvaluator, "diarization": DiarizationEvaluator,
-              "content": ContentEvaluator,
+              "routing": RoutingEvaluator, "content": ContentEvaluator,
               "robustness": RobustnessEvaluator}
 
 

@@ -20,6 +20,7 @@ from data_pipelines import mixtures
 from echo_jax import diarizer as diarizer_lib
 from echo_jax.evaluators import content_eval
 from echo_jax.evaluators import diarization_eval
+from echo_jax.evaluators import routing_eval
 from echo_jax.report.stages import StageRun, latest_step
 
 _log = logging.getLogger(__name__)
@@ -86,6 +87,41 @@ def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
                              results=results))
 
 
+# Per variant: held-out mixtures of the stage's clip length (seconds each on
+# 2 CPU cores for the cpu variant's 200).
+ROUTING_SETTINGS = {
+    "smoke": dict(num_mixtures=4, batch_size=4),
+    "cpu": dict(num_mixtures=200, batch_size=16),
+    "canonical": dict(num_mixtures=500, batch_size=32),
+}
+
+
+def routing(runs: Sequence[StageRun], out_dir: str, variant: str
+            ) -> dict | None:
+  """Count / PIT / latent SI-SDR of the last stage with a router, and the
+  trivial baseline (`routing_eval.evaluate_workdir`; results.json in
+  `out_dir`)."""
+  capable = [r for r in runs if "router" in r.heads]
+  if not capable:
+    return None
+  run = capable[-1]
+  settings = dict(ROUTING_SETTINGS[variant], seed=0)
+  key = dict(workdir=os.path.abspath(run.workdir),
+             step=latest_step(run.workdir), **settings)
+  record = _cached(out_dir, key)
+  if record is not None:
+    _log.info("Routing of %s step %d: cached in %s.", run.stage.name,
+              key["step"], out_dir)
+    return record
+  results = routing_eval.evaluate_workdir(run.workdir, **settings)
+  routing_eval.write_json(os.path.join(out_dir, "results.json"), results)
+  _log.info("Routing of %s:\n%s", run.stage.name,
+            routing_eval.format_report(results))
+  return _save(out_dir, dict(
+      key=key, stage=run.stage.name, dir=out_dir, results=results,
+      summary=[routing_eval.summary_line(run.stage.name, results)]))
+
+
 def content(runs: Sequence[StageRun], out_dir: str, variant: str
             ) -> dict | None:
   """The content evaluator's latest values (factorisation gap, phoneme
@@ -106,7 +142,7 @@ def content(runs: Sequence[StageRun], out_dir: str, variant: str
 
 Evaluation = Callable[[Sequence[StageRun], str, str], "dict | None"]
 EVALUATIONS: dict[str, Evaluation] = {"diarization": diarization,
-                                      "content": content}
+                                      "routing": routing, "content": content}
 
 
 def run_all(runs: Sequence[StageRun], root: str, variant: str) -> dict:

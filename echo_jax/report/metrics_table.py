@@ -79,6 +79,13 @@ HEADLINES = (
     Headline("Phone error rate, CTC on frozen content projection",
              metric("content/content_per"), metric("content/random_per"),
              higher_is_better=False),
+    Headline("Speaker count accuracy, routing slots (held-out mixtures)",
+             metric("routing/count_accuracy")),
+    Headline("PIT accuracy, routing slots (K >= 2)",
+             metric("routing/pit_accuracy")),
+    Headline("Overlap-aware blind DER, collar 0 (trainer evaluation)",
+             metric("diarization/overlap_aware_c0_der"),
+             higher_is_better=False),
 )
 
 

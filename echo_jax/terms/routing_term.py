@@ -1,0 +1,57 @@
+"""`routing`: slots of the router head carry the mixture's sources or nothing.
+
+Targets are the frozen EMA encoder's JEPA targets (mean of the last
+`target_layers` layer-normed layers) of each isolated source, computed on that
+source alone: the K_max source waveforms go through the target encoder as one
+batch of B * K_max clips (absent sources are silent clips and are masked out).
+The loss and the matching are in `echo_jax/objectives/routing.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from echo_jax.objectives import jepa
+from echo_jax.objectives import routing
+from echo_jax.terms.base import StepInputs, Term
+
+
+def source_targets(model, target_params: dict, sources: jax.Array,
+                   num_layers: int) -> jax.Array:
+  """Waveforms `[B, K, N]` -> EMA-encoder JEPA targets `[B, K, T, W]`."""
+  b, k, n = sources.shape
+  mel = model.log_mel(sources.reshape(b * k, n))
+  hidden = model.encoder.apply(
+      {"params": jax.lax.stop_gradient(target_params)}, mel)["hidden"]
+  targets = jepa.layer_targets(hidden, num_layers)
+  return targets.reshape((b, k) + targets.shape[1:])
+
+
+def present_sources(num_speakers: jax.Array, k_max: int) -> jax.Array:
+  """`[B]` K -> `[B, K_max]` bool: the stream fills slots 0..K-1."""
+  return jnp.arange(k_max)[None, :] < num_speakers[:, None]
+
+
+def loss(cfg, inputs: StepInputs, rng):
+  del rng
+  batch, model = inputs.batch, inputs.model
+  targets = source_targets(model, inputs.target, batch["sources"],
+                           cfg.target_layers)
+  target_activity = routing.token_activity(batch["activity"],
+                                           model.patch_frames)
+  present = present_sources(batch["num_speakers"], batch["sources"].shape[1])
+  outputs = model.apply_head("router", inputs.params, inputs.features)
+  value, metrics = routing.routing_loss(
+      outputs, targets, target_activity, present,
+      latent_weight=cfg.latent_weight, activity_weight=cfg.activity_weight,
+      existence_weight=cfg.existence_weight, null_weight=cfg.null_weight,
+      null_energy_weight=cfg.null_energy_weight, aux_weight=cfg.aux_weight)
+  metrics = {f"routing/{k}": v for k, v in metrics.items()}
+  metrics["routing/loss"] = value
+  metrics["routing/target_std"] = jepa.feature_std(targets)
+  return value, metrics
+
+
+TERM = Term(loss=loss, heads=("rwse", "router"),
+            batch_keys=("mixture", "sources", "activity", "num_speakers"))
