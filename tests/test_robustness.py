@@ -89,3 +89,22 @@ def test_table_lists_every_cell():
   table = robustness.format_table(results, "robustness")
   assert "90.0 / 5.0" in table and "40.0 / 35.0" in table
   assert "unseen_variant" in table and "1.25%" in table
+
+
+def test_heldout_mixtures_under_a_condition_keep_their_labels():
+  from data_pipelines import default_corpus
+  from echo_jax.evaluators.eval_mixtures import HeldoutMixtures
+  manifest = default_corpus.ensure_default_corpus(size="tiny")
+  kw = dict(seconds=3.0, k_min=1, k_max=2, seed=4)
+  clean = HeldoutMixtures(manifest, **kw)
+  noisy = HeldoutMixtures(manifest, condition="snr10", **kw)
+  for i in range(3):
+    a, b = clean.example(i), noisy.example(i)
+    np.testing.assert_array_equal(a["activity"], b["activity"])
+    np.testing.assert_array_equal(a["sources"], b["sources"])
+    mask = augment.frame_mask(a["activity"], len(a["mixture"]))
+    snr = 10 * np.log10(augment.power(a["mixture"], mask)
+                        / augment.power(b["mixture"] - a["mixture"]))
+    assert snr == pytest.approx(10.0, abs=1e-2)
+  with pytest.raises(ValueError, match="Unknown condition"):
+    HeldoutMixtures(manifest, condition="snr5", **kw)

@@ -84,7 +84,8 @@ def _summary(results: dict) -> dict:
 def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
                        manifest_path: str, *, num_mixtures: int,
                        seconds: float, k_min: int = 1, k_max: int = 3,
-                       seed: int = 0, out_dir: str | None = None) -> dict:
+                       seed: int = 0, out_dir: str | None = None,
+                       condition: str = "clean") -> dict:
   """DER / count accuracy of `diarizer` (PLDA already fitted) on mixtures.
 
   Args:
@@ -93,6 +94,8 @@ def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
     num_mixtures: mixtures to draw; mixture i is a pure function of (seed, i).
     seconds: mixture length (long enough for several 1.5 s windows).
     k_min, k_max: speaker count range (needs k_max held-out speakers).
+    condition: recording condition of the mixtures (`augment.CONDITIONS`;
+      `HeldoutMixtures`); the references are the clean labels.
     out_dir: if set, writes reference.rttm, blind.rttm,
       oracle_activity.rttm, all.uem and results.json there.
   Returns:
@@ -106,7 +109,7 @@ def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
     raise ValueError("diarizer has no PLDA back-end; call fit_plda() or"
                      " load_or_fit_plda() first.")
   heldout = HeldoutMixtures(manifest_path, seconds=seconds, k_min=k_min,
-                            k_max=k_max, seed=seed)
+                            k_max=k_max, seed=seed, condition=condition)
   cfg = heldout.cfg
   variants = [v for v in VARIANTS
               if v != "overlap_aware" or diarizer.has_router]
@@ -144,7 +147,7 @@ def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
   total = results["blind"][scoring.collar_key(0.0)]["total"]
   results.update(
       num_mixtures=num_mixtures, seconds=seconds, k_min=k_min, k_max=k_max,
-      seed=seed, mean_speakers=float(np.mean(num_speakers)),
+      seed=seed, condition=condition, mean_speakers=float(np.mean(num_speakers)),
       overlap_excess_seconds=overlap,
       overlap_excess_rate=overlap / total if total > 0 else 0.0,
       seconds_per_mixture=elapsed / max(num_mixtures, 1))

@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 
+from data_pipelines import augment
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
 from data_pipelines import storage
@@ -23,10 +24,23 @@ class HeldoutMixtures:
     seconds: mixture length; k_min, k_max: K drawn uniformly in between.
     clamp_k_max: lower k_max to the number of held-out speakers (with a
       warning) instead of failing on a small corpus.
+    condition: one of `augment.CONDITIONS`, applied to the whole mixture
+      (noise at the condition's SNR against its speech frames; "reverb": one
+      room impulse response for the recording), a fixed draw per (seed, i);
+      sources and labels stay the clean ones.
   """
 
   def __init__(self, manifest_path: str, *, seconds: float, k_min: int,
-               k_max: int, seed: int = 0, clamp_k_max: bool = False):
+               k_max: int, seed: int = 0, clamp_k_max: bool = False,
+               condition: str = "clean"):
+    if condition not in augment.CONDITIONS:
+      raise ValueError(f"Unknown condition {condition!r}; known: "
+                       f"{augment.CONDITIONS}.")
+    self.condition = condition
+    self.banks = None
+    if condition != "clean":
+      from echo_jax.evaluators import robustness  # Banks only when needed.
+      self.banks = robustness.eval_banks(manifest_path, seed)
     self.index = mixtures.MixtureIndex.from_manifest(manifest_path,
                                                      manifest_lib.HELDOUT)
     available = len(self.index.eligible)
@@ -47,5 +61,12 @@ class HeldoutMixtures:
   def example(self, i: int) -> dict[str, np.ndarray]:
     """Mixture `i` (`mixtures.make_example` keys: mixture, sources,
     speakers, activity, num_speakers, ...)."""
-    return mixtures.make_example(self.store, self.index, self.cfg,
-                                 np.random.default_rng((self.seed, i)))
+    ex = mixtures.make_example(self.store, self.index, self.cfg,
+                               np.random.default_rng((self.seed, i)))
+    if self.banks is not None:
+      rng = np.random.default_rng(
+          (self.seed, i, augment.CONDITIONS.index(self.condition)))
+      ex["mixture"] = augment.apply_condition(
+          ex["mixture"], self.condition, self.banks, rng,
+          augment.frame_mask(ex["activity"], len(ex["mixture"])))
+    return ex

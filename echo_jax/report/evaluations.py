@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
+from data_pipelines import augment
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
 from echo_jax import diarizer as diarizer_lib
@@ -27,12 +28,14 @@ _log = logging.getLogger(__name__)
 
 RECORD = "evaluation.json"
 
-# Per variant: the cpu demo's 50 mixtures take about 2 minutes on 2 CPU
-# cores; a mixture holds several 1.5 s embedding windows.
+# Per variant: the cpu demo's 50 mixtures take about 2 minutes per condition
+# on 2 CPU cores; a mixture holds several 1.5 s embedding windows.
 DIARIZATION_SETTINGS = {
-    "smoke": dict(num_mixtures=2, seconds=6.0),
-    "cpu": dict(num_mixtures=50, seconds=10.0),
-    "canonical": dict(num_mixtures=200, seconds=10.0),
+    "smoke": dict(num_mixtures=2, seconds=6.0, conditions=("clean",)),
+    "cpu": dict(num_mixtures=50, seconds=10.0,
+                conditions=("clean", "snr10", "reverb")),
+    "canonical": dict(num_mixtures=200, seconds=10.0,
+                      conditions=augment.CONDITIONS),
 }
 
 
@@ -64,8 +67,10 @@ def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
     return None
   run = capable[-1]
   settings = dict(DIARIZATION_SETTINGS[variant], k_min=1, seed=0)
+  conditions = list(settings.pop("conditions"))
   key = dict(workdir=os.path.abspath(run.workdir),
-             step=latest_step(run.workdir), **settings)
+             step=latest_step(run.workdir), conditions=conditions,
+             **settings)
   record = _cached(out_dir, key)
   if record is not None:
     _log.info("Diarization of %s step %d: cached in %s.", run.stage.name,
@@ -83,8 +88,25 @@ def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
       diarizer, manifest, k_max=k_max, out_dir=out_dir, **settings)
   _log.info("Diarization of %s:\n%s", run.stage.name,
             diarization_eval.format_report(results))
+  # The same mixtures under noise / a room / a telephone channel, scored
+  # against the same clean labels (RTTMs in out_dir/<condition>).
+  by_condition = {"clean": diarization_eval.flat_metrics(results, "der")}
+  for condition in conditions:
+    if condition == "clean":
+      continue
+    r = diarization_eval.evaluate_blind_der(
+        diarizer, manifest, k_max=k_max, condition=condition,
+        out_dir=os.path.join(out_dir, condition), **settings)
+    by_condition[condition] = diarization_eval.flat_metrics(r, "der")
+    _log.info("Diarization of %s, %s:\n%s", run.stage.name, condition,
+              diarization_eval.format_report(r))
+  summary = ["Blind DER at collar 0 by condition (same held-out mixtures): "
+             + ", ".join(f"{c} {100 * m['der/blind_c0_der']:.1f}%"
+                         for c, m in by_condition.items())]
   return _save(out_dir, dict(key=key, stage=run.stage.name, dir=out_dir,
-                             results=results))
+                             results=results, conditions=by_condition,
+                             summary=summary if len(by_condition) > 1
+                             else []))
 
 
 # Per variant: held-out mixtures of the stage's clip length (seconds each on
