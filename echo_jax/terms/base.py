@@ -32,7 +32,9 @@ class StepInputs:
   @functools.cached_property
   def clean_mel(self) -> jax.Array:
     """Normalised log-mel of the dry mixture (the mixture before room, noise
-    and channel augmentation; the mixture itself when the stream has none)."""
+    and channel augmentation; the mixture itself when the batch has none)."""
+    if "clean" not in self.batch:
+      return self.mel
     return self.model.log_mel(self.batch["clean"])
 
   @functools.cached_property
