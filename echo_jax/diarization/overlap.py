@@ -24,6 +24,7 @@ import scipy.ndimage
 from scipy.optimize import linear_sum_assignment
 
 from data_pipelines.framing import FRAME_SECONDS, HOP, SAMPLE_RATE
+from echo_jax.diarization import pipeline
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
 from echo_jax.diarization import vbx as vbx_lib
@@ -99,10 +100,7 @@ def diarize_overlap(waveform: np.ndarray, *, route_windows: RouteWindows,
   """Overlap-aware blind diarization of `[N]` 16 kHz audio -> segments
   (speakers spk0, spk1, ...; overlapping segments where two speak)."""
   cfg = cfg or OverlapConfig()
-  waveform = np.asarray(waveform, np.float32)
-  if waveform.ndim != 1:
-    raise ValueError(f"waveform must be [N] mono 16 kHz; found shape"
-                     f" {waveform.shape}.")
+  waveform = pipeline.mono_waveform(waveform)
   if len(waveform) == 0:
     return []
   num_frames = int(np.ceil(len(waveform) / HOP))

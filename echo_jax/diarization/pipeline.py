@@ -27,6 +27,15 @@ from data_pipelines.framing import FRAME_SECONDS, SAMPLE_RATE
 from data_pipelines.framing import HOP as _SAMPLES_PER_FRAME
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
+
+
+def mono_waveform(waveform) -> np.ndarray:
+  """`waveform` as float32 [N], or a ValueError naming its shape."""
+  waveform = np.asarray(waveform, np.float32)
+  if waveform.ndim != 1:
+    raise ValueError(f"waveform must be [N] mono 16 kHz; found shape"
+                     f" {waveform.shape}. Use load_audio() to downmix.")
+  return waveform
 from echo_jax.diarization import vbx as vbx_lib
 
 
@@ -117,10 +126,7 @@ def diarize(waveform: np.ndarray, *,
     cover it (one speaker per frame: no overlap).
   """
   cfg = cfg or DiarizationConfig()
-  waveform = np.asarray(waveform, np.float32)
-  if waveform.ndim != 1:
-    raise ValueError(f"waveform must be [N] mono 16 kHz; found shape"
-                     f" {waveform.shape}. Use load_audio() to downmix.")
+  waveform = mono_waveform(waveform)
   if len(waveform) == 0:
     return []
   num_frames = int(np.ceil(len(waveform) / _SAMPLES_PER_FRAME))
