@@ -20,9 +20,12 @@ import numpy as np
 from data_pipelines.framing import HOP, SAMPLE_RATE
 from echo_jax import audio
 from echo_jax import heads as heads_registry
+from echo_jax.models.auto_dtype import resolve_compute_dtype
+from echo_jax.models.precision import DTYPES
 from echo_jax.models.vit import Encoder, Predictor
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+__all__ = ["DTYPES", "EchoModel", "build_model", "clip_samples",
+           "param_count"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,17 +98,23 @@ class EchoModel:
 
 
 def build_model(config, num_classes: int = 0) -> EchoModel:
-  """Modules from `config.model`; `num_classes` = train speakers (ArcFace)."""
+  """Modules from `config.model`; `num_classes` = train speakers (ArcFace).
+
+  `compute_dtype="auto"` is resolved here, by measurement on the backend in
+  use (`auto_dtype.resolve_compute_dtype`); `remat` is the blocks' policy.
+  """
   m = config.model
-  dtype = DTYPES[m.compute_dtype]
+  dtype = resolve_compute_dtype(m.compute_dtype, m.encoder.width,
+                                m.encoder.num_heads, m.encoder.mlp_dim)
+  remat = m.get("remat", "none")
   encoder = Encoder(width=m.encoder.width, depth=m.encoder.depth,
                     num_heads=m.encoder.num_heads, mlp_dim=m.encoder.mlp_dim,
                     patch_frames=m.encoder.patch_frames, n_mels=m.n_mels,
-                    dtype=dtype)
+                    dtype=dtype, remat=remat)
   predictor = Predictor(width=m.predictor.width, depth=m.predictor.depth,
                         num_heads=m.predictor.num_heads,
                         mlp_dim=m.predictor.mlp_dim, out_dim=m.encoder.width,
-                        dtype=dtype)
+                        dtype=dtype, remat=remat)
   heads = heads_registry.build_heads(
       m, heads_registry.BuildInfo(num_classes=num_classes))
   return EchoModel(encoder=encoder, predictor=predictor, heads=heads,

@@ -1,10 +1,13 @@
 """Pre-LN ViT over full-band frame patches: the Echo encoder and JEPA predictor.
 
 Tokens are `patch_frames` consecutive log-mel frames x all mel bins, linearly
-embedded, plus a fixed 1-D sin-cos time position. Parameters are always float32
-(`param_dtype`); `dtype` is the compute dtype of the matmuls (bfloat16 on
-accelerators). The residual stream, LayerNorm statistics and attention softmax
-stay in float32 so bfloat16 compute does not drift the features.
+embedded, plus a fixed 1-D sin-cos time position. Parameters are always
+float32; `dtype` is the compute dtype of the matmuls (bfloat16 on
+accelerators: 16-bit inputs and products, float32 accumulation;
+`precision.Linear`). The residual stream, LayerNorms, GELU, the attention
+softmax and every output stay float32 so bfloat16 compute does not drift the
+features. `remat` picks a rematerialisation policy per block
+(`precision.REMAT_POLICIES`).
 
 Parameter names are stable (they become export names):
   Encoder:   patch_embed, norm,
@@ -12,17 +15,12 @@ Parameter names are stable (they become export names):
   Predictor: context_proj, mask_token, blocks_{i}/..., norm, out_proj
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Dtype = Any
-
-# I-JEPA / MAE initialisation for linear layers.
-_dense_init = nn.initializers.truncated_normal(stddev=0.02)
+from echo_jax.models.precision import Dtype, Linear, remat_block
 
 
 def sincos_1d(num_positions: int, dim: int) -> np.ndarray:
@@ -48,10 +46,15 @@ def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (no mask)."""
+  """Multi-head self-attention with a fused qkv projection (no mask).
+
+  q, k, v enter `jax.nn.dot_product_attention` in the compute dtype. Its
+  XLA implementation (`attention_impl=None`) takes logits and softmax in
+  float32; "cudnn" asks for cuDNN's fused kernel on GPUs (16-bit inputs).
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention.
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,16 +63,13 @@ class Attention(nn.Module):
       raise ValueError(f"width {width} must be divisible by num_heads "
                        f"{self.num_heads}.")
     head_dim = width // self.num_heads
-    qkv = nn.Dense(3 * width, dtype=self.dtype, param_dtype=jnp.float32,
-                   kernel_init=_dense_init, name="qkv")(x)
+    qkv = Linear(3 * width, self.dtype, name="qkv")(x).astype(self.dtype)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    # The XLA implementation takes logits and softmax in float32.
     y = jax.nn.dot_product_attention(q, k, v,
                                      implementation=self.attention_impl)
     y = y.reshape(batch, tokens, width)
-    return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=_dense_init, name="out")(y)
+    return Linear(width, self.dtype, name="out")(y)
 
 
 class Mlp(nn.Module):
@@ -80,15 +80,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    h = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=_dense_init, name="fc1")(x)
-    h = nn.gelu(h)
-    return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=_dense_init, name="fc2")(h)
+    h = nn.gelu(Linear(self.hidden_dim, self.dtype, name="fc1")(x))
+    return Linear(width, self.dtype, name="fc2")(h)
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block; input/output residual stream is float32."""
+  """Pre-LN transformer block; residual stream and norms in float32."""
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -96,17 +93,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
-                     name="norm1")(x)
+    """`[batch, tokens, width]` float32 -> same."""
+    h = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
     x = x + Attention(self.num_heads, self.dtype, self.attention_impl,
-                      name="attn")(h).astype(jnp.float32)
-    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
-                     name="norm2")(x)
-    return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(h).astype(jnp.float32)
-
-
-def _block_class(remat: bool) -> type[Block]:
-  return nn.remat(Block) if remat else Block
+                      name="attn")(h)
+    h = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
+    return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(h)
 
 
 class Encoder(nn.Module):
@@ -117,9 +109,10 @@ class Encoder(nn.Module):
       params).
     patch_frames: log-mel frames per token (2 = 20 ms tokens at a 10 ms hop).
     n_mels: mel bins per frame.
-    dtype: compute dtype; params are float32 regardless.
-    remat: rematerialise each block in the backward pass (saves activations).
-    attention_impl: `jax.nn.dot_product_attention` implementation (None = auto).
+    dtype: compute dtype of the matmul inputs; params are float32 regardless.
+    remat: per-block rematerialisation policy, `none` | `full` | `dots`
+      (`precision.REMAT_POLICIES`; True / False mean `full` / `none`).
+    attention_impl: `jax.nn.dot_product_attention` implementation (None: XLA).
   """
   width: int = 512
   depth: int = 8
@@ -128,7 +121,7 @@ class Encoder(nn.Module):
   patch_frames: int = 2
   n_mels: int = 80
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = "none"
   attention_impl: str | None = None
 
   def num_tokens(self, num_frames: int) -> int:
@@ -162,20 +155,20 @@ class Encoder(nn.Module):
                        f"{self.patch_frames} frames; found {frames}.")
     patches = mel[:, :tokens * self.patch_frames].reshape(
         batch, tokens, self.patch_frames * n_mels)
-    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=nn.initializers.xavier_uniform(),
-                 name="patch_embed")(patches)
-    x = x.astype(jnp.float32) + sincos_1d(tokens, self.width)
+    x = Linear(self.width, self.dtype,
+               kernel_init=nn.initializers.xavier_uniform(),
+               name="patch_embed")(patches)
+    x = x + sincos_1d(tokens, self.width)
     if keep_idx is not None:
       x = gather_tokens(x, keep_idx)
     hidden = []
-    block_cls = _block_class(self.remat)
+    block_cls = remat_block(Block, self.remat)
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_dim, self.dtype,
                     self.attention_impl, name=f"blocks_{i}")(x)
       hidden.append(x)
-    final = nn.LayerNorm(epsilon=1e-6, param_dtype=jnp.float32, name="norm")(x)
-    return {"hidden": jnp.stack(hidden), "final": final.astype(jnp.float32)}
+    final = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+    return {"hidden": jnp.stack(hidden), "final": final}
 
 
 class Predictor(nn.Module):
@@ -186,7 +179,7 @@ class Predictor(nn.Module):
   mlp_dim: int = 1024
   out_dim: int = 512
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = "none"
   attention_impl: str | None = None
 
   @nn.compact
@@ -202,20 +195,16 @@ class Predictor(nn.Module):
         table).
     """
     positions = sincos_1d(num_tokens, self.width)
-    ctx = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                   kernel_init=_dense_init, name="context_proj")(context)
-    ctx = ctx.astype(jnp.float32) + jnp.take(positions, context_idx, axis=0)
+    ctx = Linear(self.width, self.dtype, name="context_proj")(context)
+    ctx = ctx + jnp.take(positions, context_idx, axis=0)
     mask_token = self.param("mask_token", nn.initializers.normal(0.02),
                             (self.width,), jnp.float32)
     tgt = mask_token + jnp.take(positions, target_idx, axis=0)
     x = jnp.concatenate([ctx, tgt], axis=1)
-    block_cls = _block_class(self.remat)
+    block_cls = remat_block(Block, self.remat)
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_dim, self.dtype,
                     self.attention_impl, name=f"blocks_{i}")(x)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
-                     name="norm")(x)
-    x = x[:, context.shape[1]:]
-    out = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                   kernel_init=_dense_init, name="out_proj")(x)
-    return out.astype(jnp.float32)
+    # Only the target tokens are read out: norm and projection skip the rest.
+    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x[:, context.shape[1]:])
+    return Linear(self.out_dim, self.dtype, name="out_proj")(x)
