@@ -23,8 +23,16 @@ responses), in this order:
            `p_telephone` a 300-3400 Hz, 8 kHz, 8-bit mu-law channel; then
            a gain in +-`gain_db` (peak-limited).
   noise-only  with `p_noise_only` the example holds no speech (K = 0, activity
-           all 0) but noise at a level in `noise_only_level_db` dBFS, so the
-           activity head learns that noise is not speech.
+           all 0) but non-speech noise (never babble: that is speech) at a
+           level in `noise_only_level_db` dBFS, so the activity head learns
+           that noise is not speech.
+
+Activity labels follow what can be heard: where noise is added, a frame of a
+source stays active only if the source is at least `min_local_snr_db` above
+the noise in that frame. The dry rule (within 35 dB of the source's loudest
+frame) would otherwise label frames buried 10-35 dB under the noise as speech
+and teach the detector to call noise speech. Evaluation references keep the
+dry labels: they are the truth a diarization is scored against.
 
 Everything random comes from the example's rng, so an augmented example is a
 pure function of (seed, index) like the rest of the stream. The clip banks
@@ -75,7 +83,8 @@ class AugmentConfig:
   noise_dir: str = ""           # MUSAN layout; adds the kind "files".
   bank_clips: int = 16          # Clips per noise kind in the bank.
   bank_seconds: float = 6.0     # Length of each bank clip.
-  p_noise_only: float = 0.05
+  p_noise_only: float = 0.1
+  min_local_snr_db: float = 0.0  # Buried frames (below this) are not speech.
   noise_only_level_db: tuple[float, float] = (-55.0, -20.0)
   # Channel.
   p_eq: float = 0.4
@@ -127,16 +136,48 @@ def frame_mask(activity: np.ndarray, num_samples: int) -> np.ndarray:
   return np.repeat(any_active, framing.HOP)[:num_samples]
 
 
-def add_noise(speech: np.ndarray, noise: np.ndarray, snr_db: float,
-              speech_mask: np.ndarray | None = None) -> np.ndarray:
-  """`speech + g * noise` with g set so that the speech-to-noise power ratio
-  (speech over `speech_mask`, noise over the whole clip) is `snr_db`."""
+def scale_noise(speech: np.ndarray, noise: np.ndarray, snr_db: float,
+                speech_mask: np.ndarray | None = None) -> np.ndarray:
+  """`g * noise` with g set so that the speech-to-noise power ratio (speech
+  over `speech_mask`, noise over the whole clip) is `snr_db`; zeros when
+  either is silent."""
   p_speech = power(speech, speech_mask)
   p_noise = power(noise)
   if p_speech == 0.0 or p_noise == 0.0:
-    return speech.copy()
+    return np.zeros_like(speech)
   g = np.sqrt(p_speech / (p_noise * 10.0 ** (snr_db / 10.0)))
-  return (speech + np.float32(g) * noise).astype(np.float32)
+  return (np.float32(g) * noise).astype(np.float32)
+
+
+def add_noise(speech: np.ndarray, noise: np.ndarray, snr_db: float,
+              speech_mask: np.ndarray | None = None) -> np.ndarray:
+  """`speech + g * noise` at `snr_db` (see `scale_noise`)."""
+  return (speech + scale_noise(speech, noise, snr_db, speech_mask)
+          ).astype(np.float32)
+
+
+def frame_energy(wave: np.ndarray, num_frames: int) -> np.ndarray:
+  """Sum of squares per activity frame ([N] -> [num_frames]; a short tail is
+  zero-padded)."""
+  hop = framing.HOP
+  padded = np.zeros(num_frames * hop, np.float32)
+  m = min(len(wave), len(padded))
+  padded[:m] = wave[:m]
+  return np.square(padded.reshape(num_frames, hop)).sum(axis=1)
+
+
+def audible_activity(activity: np.ndarray, sources: np.ndarray,
+                     noise: np.ndarray, min_local_snr_db: float
+                     ) -> np.ndarray:
+  """Activity [S, F] with the frames where a source is more than
+  `min_local_snr_db` under `noise` (same frame) set to 0."""
+  f = activity.shape[-1]
+  noise_e = frame_energy(noise, f) * 10.0 ** (min_local_snr_db / 10.0)
+  out = activity.copy()
+  for slot in range(len(activity)):
+    if activity[slot].any():
+      out[slot] *= frame_energy(sources[slot], f) >= noise_e
+  return out
 
 
 def convolve(source: np.ndarray, rir: np.ndarray,
@@ -437,16 +478,20 @@ def augment_example(ex: dict[str, np.ndarray], cfg: AugmentConfig,
                                   tuple(ex["segments"][slot]))
     mixture = sources[:k].sum(axis=0)
 
-  if k == 0 and ex.get("noise_only", False):
-    kind = cfg.kinds[int(rng.integers(len(cfg.kinds)))]
+  quiet_kinds = [kind for kind in cfg.kinds if kind != "babble"]
+  if k == 0 and ex.get("noise_only", False) and quiet_kinds:
+    kind = quiet_kinds[int(rng.integers(len(quiet_kinds)))]
     noise = banks.noise_clip(kind, n, rng)
     level = 10.0 ** (rng.uniform(*cfg.noise_only_level_db) / 20.0)
     mixture = (np.float32(level / np.sqrt(max(power(noise), 1e-20)))
                * noise).astype(np.float32)
   elif k and rng.random() < cfg.p_noise:
     kind = cfg.kinds[int(rng.integers(len(cfg.kinds)))]
-    mixture = add_noise(mixture, banks.noise_clip(kind, n, rng),
+    noise = scale_noise(mixture, banks.noise_clip(kind, n, rng),
                         rng.uniform(*cfg.snr_db), speech_mask)
+    mixture = mixture + noise
+    ex["activity"] = audible_activity(activity, sources, noise,
+                                      cfg.min_local_snr_db)
 
   if rng.random() < cfg.p_eq:
     mixture = equalise(mixture, rng)

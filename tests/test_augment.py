@@ -98,6 +98,51 @@ def test_noise_only_examples_hold_noise_and_no_activity(manifest, index):
     assert lo - 6.5 <= level <= hi + 6.5      # +- the channel gain.
 
 
+def test_frames_buried_under_the_noise_are_not_speech():
+  hop = framing.HOP
+  activity = np.zeros((2, 6), np.float32)
+  activity[0, :4] = 1.0
+  sources = np.zeros((2, 6 * hop), np.float32)
+  # Frame amplitudes 1, 0.5, 0.1, 0.01: 0, -6, -20, -40 dB against a unit
+  # noise in every frame.
+  for frame, amp in enumerate([1.0, 0.5, 0.1, 0.01]):
+    sources[0, frame * hop:(frame + 1) * hop] = amp
+  noise = np.ones(6 * hop, np.float32)
+  out = augment.audible_activity(activity, sources, noise, 0.0)
+  np.testing.assert_array_equal(out[0], [1, 0, 0, 0, 0, 0])
+  out = augment.audible_activity(activity, sources, noise, -25.0)
+  np.testing.assert_array_equal(out[0], [1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(out[1], 0)
+  np.testing.assert_array_equal(activity[0, :4], 1)   # Input untouched.
+
+
+def test_noisy_examples_label_only_audible_speech(manifest, index):
+  quiet = dict(p_reverb=0.0, p_eq=0.0, p_bandlimit=0.0, p_telephone=0.0,
+               gain_db=0.0, p_noise_only=0.0)
+  noisy = transform(manifest, index, p_noise=1.0, snr_db=(0.0, 0.0), **quiet)
+  dry = transform(manifest, index, p_noise=0.0, **quiet)
+  dropped = 0
+  for i in range(6):
+    ex = noisy.random_map(i, np.random.default_rng(i))
+    ref = dry.random_map(i, np.random.default_rng(i))
+    assert np.all(ex["activity"] <= ref["activity"])   # Only ever removed,
+    dropped += int(ref["activity"].sum() - ex["activity"].sum())
+    # and every frame kept holds its source at or above the noise.
+    noise = ex["mixture"] - ex["clean"]
+    f = ex["activity"].shape[1]
+    for slot in range(int(ex["num_speakers"])):
+      kept = ex["activity"][slot] > 0
+      assert np.all(augment.frame_energy(ex["sources"][slot], f)[kept]
+                    >= augment.frame_energy(noise, f)[kept] * (1 - 1e-4))
+  assert dropped > 0                       # At 0 dB SNR some frames are buried.
+
+
+def test_noise_only_examples_never_use_babble(manifest, index):
+  tr = transform(manifest, index, p_noise_only=1.0, noise_kinds=("babble",))
+  ex = tr.random_map(0, np.random.default_rng(0))
+  assert not ex["mixture"].any() and not ex["activity"].any()
+
+
 def test_no_op_settings_leave_the_mixture_dry(manifest, index):
   tr = transform(manifest, index, p_reverb=0.0, p_noise=0.0, p_eq=0.0,
                  p_bandlimit=0.0, p_telephone=0.0, gain_db=0.0,
