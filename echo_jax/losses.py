@@ -49,15 +49,18 @@ def term_rng(rng: jax.Array, name: str) -> jax.Array:
 
 
 def stage_loss(model, objective, params: dict, target: dict, batch: dict,
-               rng: jax.Array, step: jax.Array) -> tuple[jax.Array, dict]:
+               rng: jax.Array, step: jax.Array,
+               log_step: bool | jax.Array = True) -> tuple[jax.Array, dict]:
   """Total loss and scalar metrics for one batch.
 
   Args:
     objective: `config.objective`.
     params: {'encoder', 'predictor', 'heads'}; target: EMA encoder params.
     batch: the stream's batch, holding at least `batch_keys(objective)`.
+    log_step: whether the metrics of this step are read (diagnostics that
+      cost real time, e.g. `jepa/target_rank`, are 0 on other steps).
   """
-  inputs = StepInputs(model, params, target, batch, step)
+  inputs = StepInputs(model, params, target, batch, step, log_step)
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for name, (term, cfg) in active_terms(objective).items():

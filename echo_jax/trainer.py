@@ -84,8 +84,10 @@ def make_train_step(model: EchoModel, config):
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
     loss_fn = functools.partial(losses.stage_loss, model, config.objective)
+    # The host reads metrics after the steps the loop logs (see `train`).
+    log_step = ((step + 1) % config.log_every == 0) | (step + 1 == total_steps)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["target"], batch, rng, step)
+        state["params"], state["target"], batch, rng, step, log_step)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     momentum = jepa.ema_momentum(step, total_steps, start=config.ema.start,

@@ -211,3 +211,22 @@ def test_cross_crop_loss_closed_form_and_gradients():
       argnums=(0, 1))(encoder_params, encoder_params)
   assert np.abs(np.asarray(grads["patch_embed"]["kernel"])).max() > 0
   assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(target_grads))
+
+
+def test_target_rank_runs_only_when_asked():
+  # The eigenvalue solve is skipped on steps whose metrics nobody reads; the
+  # loss and the other metrics do not depend on it.
+  mel = jax.random.normal(jax.random.key(2), (4, 40, 16))
+  params = jax.jit(_init)(mel)
+  rng = jax.random.key(3)
+
+  @jax.jit
+  def run(rank_now):
+    return jepa.jepa_loss(ENCODER, PREDICTOR, params, params["encoder"], mel,
+                          rng, rank_now=rank_now, **LOSS_KW)
+
+  loss_on, on = run(jnp.bool_(True))
+  loss_off, off = run(jnp.bool_(False))
+  assert on["jepa/target_rank"] > 1.0 and off["jepa/target_rank"] == 0.0
+  assert loss_on == loss_off
+  assert on["jepa/loss"] == off["jepa/loss"]

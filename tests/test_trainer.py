@@ -110,9 +110,9 @@ def test_init_from_restores_trees(tmp_path):
 def test_nan_stops_run_and_keeps_checkpoint(tmp_path, monkeypatch):
   real_loss = losses.stage_loss
 
-  def poisoned(model, objective, params, target, batch, rng, step):
+  def poisoned(model, objective, params, target, batch, rng, step, *rest):
     loss, metrics = real_loss(model, objective, params, target, batch, rng,
-                              step)
+                              step, *rest)
     return jnp.where(step >= 4, jnp.nan, loss), metrics
 
   monkeypatch.setattr(losses, "stage_loss", poisoned)
@@ -131,9 +131,9 @@ def test_nan_between_log_steps_is_named_and_nothing_saved(tmp_path,
   # names step 5 and the step-3 checkpoint stays the latest.
   real_loss = losses.stage_loss
 
-  def poisoned(model, objective, params, target, batch, rng, step):
+  def poisoned(model, objective, params, target, batch, rng, step, *rest):
     loss, metrics = real_loss(model, objective, params, target, batch, rng,
-                              step)
+                              step, *rest)
     return jnp.where(step == 4, jnp.inf, loss), metrics
 
   monkeypatch.setattr(losses, "stage_loss", poisoned)

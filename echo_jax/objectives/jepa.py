@@ -169,7 +169,8 @@ def jepa_loss(encoder: Encoder,
               target_layers: int = 4,
               sigreg_weight: float = 0.0,
               sigreg_directions: int = 256,
-              target_mel: jax.Array | None = None) -> tuple[jax.Array, dict]:
+              target_mel: jax.Array | None = None,
+              rank_now: bool | jax.Array = True) -> tuple[jax.Array, dict]:
   """JEPA loss on normalised log-mel `[batch, frames, n_mels]`.
 
   Args:
@@ -178,6 +179,8 @@ def jepa_loss(encoder: Encoder,
     rng: key for the masks and SIGReg directions.
     target_mel: what the target encoder sees (default `mel`); e.g. the clean
       mixture while the context sees its augmented copy (denoising targets).
+    rank_now: whether to compute `jepa/target_rank` (an eigenvalue solve that
+      can cost a tenth of a step; 0, never a real rank, when False).
 
   Returns:
     `(loss, metrics)`: loss = regression + sigreg_weight * sigreg; metrics are
@@ -215,7 +218,8 @@ def jepa_loss(encoder: Encoder,
       "jepa/target_std": feature_std(targets),
       "jepa/pred_std": feature_std(jax.lax.stop_gradient(pred)),
       "jepa/context_std": feature_std(jax.lax.stop_gradient(context)),
-      "jepa/target_rank": effective_rank(
+      "jepa/target_rank": jax.lax.cond(
+          rank_now, effective_rank, lambda _: jnp.float32(0.0),
           targets.reshape(-1, targets.shape[-1])),
   }
   return total, metrics

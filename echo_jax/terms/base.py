@@ -20,9 +20,11 @@ class StepInputs:
   (log-mel, the full encoder pass) computed once per trace on first use."""
 
   def __init__(self, model, params: dict, target: dict, batch: dict,
-               step: jax.Array):
+               step: jax.Array, log_step: bool | jax.Array = True):
     self.model, self.params, self.target = model, params, target
     self.batch, self.step = batch, step
+    # Whether this step's metrics are read: costly diagnostics run only then.
+    self.log_step = log_step
 
   @functools.cached_property
   def mel(self) -> jax.Array:

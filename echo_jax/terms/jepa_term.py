@@ -19,7 +19,8 @@ def loss(cfg, inputs: StepInputs, rng):
       loss_kind=cfg.loss, target_layers=cfg.target_layers,
       sigreg_weight=cfg.sigreg_weight,
       sigreg_directions=cfg.sigreg_directions,
-      target_mel=inputs.clean_mel if cfg.get("clean_targets") else None)
+      target_mel=inputs.clean_mel if cfg.get("clean_targets") else None,
+      rank_now=inputs.log_step)
 
 
 def _keys(cfg):
