@@ -2,6 +2,8 @@
 # The canonical-size step on one GPU: bf16 step time, examples/s and MFU
 # against the datasheet peak, remat policies and batch sizes, attention
 # kernels, float32 for comparison, and what compute_dtype="auto" resolves to.
+# The headline row is also traced: where its device time goes, by kernel kind
+# (tools/profile_summary.py). SKIP_REMAT=1 leaves out the remat rows.
 #
 #   bash tools/bench_gpu.sh [OUT_DIR] [VARIANT]
 #
@@ -30,7 +32,8 @@ bench() {  # name, then bench_step flags
 # Headline: bf16, no remat, XLA attention (the model's default), and cuDNN's
 # fused attention (a failure is reported in its row).
 bench bf16_b${big} --config.model.compute_dtype=bfloat16 \
-    --batch_sizes=$big --remat=none --attention=default,cudnn
+    --batch_sizes=$big --remat=none --attention=default,cudnn \
+    --profile_dir="${PROFILE_DIR:-/tmp/echo_trace_$$}"
 if [[ -n ${OLD_TREE:-} ]]; then
   echo "=== before (OLD_TREE=$OLD_TREE): bf16 batch $big"
   (cd "$OLD_TREE" && PYTHONUNBUFFERED=1 timeout "$limit" "$python" \
@@ -42,12 +45,14 @@ bench bf16_b${bigger} --config.model.compute_dtype=bfloat16 \
     --batch_sizes=$bigger --remat=none,full
 bench fp32_b${big} --config.model.compute_dtype=float32 \
     --batch_sizes=$big --remat=none
-bench remat_b${big} --config.model.compute_dtype=bfloat16 \
-    --batch_sizes=$big --remat=full,dots
+if [[ -z ${SKIP_REMAT:-} ]]; then
+  bench remat_b${big} --config.model.compute_dtype=bfloat16 \
+      --batch_sizes=$big --remat=full,dots
+fi
 echo "=== compute_dtype=auto"
 ECHO_JAX_CACHE="$out" timeout "$limit" "$python" -c "
 import jax
-from echo_jax.models import precision
-print(jax.devices()[0].device_kind, precision.measure_compute_dtype(512, 8, 2048))
-print('auto ->', precision.resolve_compute_dtype('auto', 512, 8, 2048))
+from echo_jax.models import auto_dtype
+print(jax.devices()[0].device_kind, auto_dtype.measure_compute_dtype(512, 8, 2048))
+print('auto ->', auto_dtype.resolve_compute_dtype('auto', 512, 8, 2048))
 " 2>&1 | grep -v -E "^(I|W)[0-9]{4} " | tail -30

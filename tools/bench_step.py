@@ -50,6 +50,7 @@ from data_pipelines.framing import HOP
 from echo_jax import losses, sharding, trainer
 from echo_jax.model import build_model, clip_samples, param_count
 from tools import cli
+from tools import profile_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: config's).")
@@ -72,6 +73,10 @@ _LOOP_LOG = flags.DEFINE_integer("loop_log_every", 5, "Whole loop: log every.")
 _LOOP_CKPT = flags.DEFINE_integer("loop_checkpoint_every", 10,
                                   "Whole loop: checkpoint every.")
 _JSON = flags.DEFINE_string("json", "", "Also write the rows to this file.")
+_PROFILE = flags.DEFINE_string("profile_dir", "", "Trace 3 steps of the first "
+                               "row here and print where the device time "
+                               "goes (tools/profile_summary.py).")
+_PROFILE_STEPS = 3
 
 # Dense (no sparsity) datasheet peaks, TFLOP/s, by compute dtype; float32
 # matmuls run as TF32 on NVIDIA tensor cores by XLA's default precision.
@@ -227,6 +232,14 @@ def bench_step(config, batch_size: int, mesh, attention: str = "default"
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_time = float(np.median(times))
+  profile = None
+  if _PROFILE.value and not os.path.exists(_PROFILE.value):
+    with jax.profiler.trace(_PROFILE.value, create_perfetto_trace=True):
+      for _ in range(_PROFILE_STEPS):
+        state, metrics, failed_at = compiled(state, batch, failed_at)
+      jax.block_until_ready(metrics)
+    profile = profile_summary.summarize(_PROFILE.value, _PROFILE_STEPS)
+    print(profile_summary.format_summary(profile), flush=True)
   dtype = jnp.dtype(model.encoder.dtype).name
   flops = matmul_flops(config, batch_size)
   peak = (_PEAK.value * 1e12 if _PEAK.value else datasheet_peak(dtype))
@@ -250,6 +263,9 @@ def bench_step(config, batch_size: int, mesh, attention: str = "default"
       **_memory(compiled),
       "loss": float(metrics["train/loss"]),
   }
+  if profile is not None:
+    row["profile_ms_by_kind"] = profile["by_kind"]
+    row["profile_top"] = profile["top"][:15]
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     row["device_peak_GB"] = stats["peak_bytes_in_use"] / 1e9
