@@ -22,7 +22,7 @@ from echo_jax import audio
 from echo_jax import heads as heads_registry
 from echo_jax.models.auto_dtype import resolve_compute_dtype
 from echo_jax.models.precision import DTYPES
-from echo_jax.models.vit import Encoder, Predictor
+from echo_jax.models.vit import Encoder, Predictor, resolve_attention
 
 __all__ = ["DTYPES", "EchoModel", "build_model", "clip_samples",
            "param_count"]
@@ -101,20 +101,23 @@ def build_model(config, num_classes: int = 0) -> EchoModel:
   """Modules from `config.model`; `num_classes` = train speakers (ArcFace).
 
   `compute_dtype="auto"` is resolved here, by measurement on the backend in
-  use (`auto_dtype.resolve_compute_dtype`); `remat` is the blocks' policy.
+  use (`auto_dtype.resolve_compute_dtype`); `remat` is the blocks' policy;
+  `attention="auto"` picks the fused cuDNN kernel where it applies
+  (`vit.resolve_attention`).
   """
   m = config.model
   dtype = resolve_compute_dtype(m.compute_dtype, m.encoder.width,
                                 m.encoder.num_heads, m.encoder.mlp_dim)
   remat = m.get("remat", "none")
+  attention = resolve_attention(m.get("attention", "auto"), dtype)
   encoder = Encoder(width=m.encoder.width, depth=m.encoder.depth,
                     num_heads=m.encoder.num_heads, mlp_dim=m.encoder.mlp_dim,
                     patch_frames=m.encoder.patch_frames, n_mels=m.n_mels,
-                    dtype=dtype, remat=remat)
+                    dtype=dtype, remat=remat, attention_impl=attention)
   predictor = Predictor(width=m.predictor.width, depth=m.predictor.depth,
                         num_heads=m.predictor.num_heads,
                         mlp_dim=m.predictor.mlp_dim, out_dim=m.encoder.width,
-                        dtype=dtype, remat=remat)
+                        dtype=dtype, remat=remat, attention_impl=attention)
   heads = heads_registry.build_heads(
       m, heads_registry.BuildInfo(num_classes=num_classes))
   return EchoModel(encoder=encoder, predictor=predictor, heads=heads,

@@ -17,7 +17,7 @@ import pytest
 
 from echo_jax import trainer
 from echo_jax.model import build_model, clip_samples
-from echo_jax.models import Encoder, auto_dtype, precision
+from echo_jax.models import Encoder, auto_dtype, precision, vit
 from experiments import stage1_jepa
 from smoke_configs import smoke
 
@@ -247,3 +247,15 @@ def test_real_measurement_runs_on_this_backend():
   assert choice in ("float32", "bfloat16")
   assert set(seconds) == {"float32", "bfloat16"}
   assert all(s > 0 for s in seconds.values())
+
+
+def test_attention_auto_picks_cudnn_only_for_16_bit_on_gpus(monkeypatch):
+  assert vit.resolve_attention("auto", jnp.bfloat16) is None   # This CPU.
+  assert vit.resolve_attention("xla", jnp.bfloat16) == "xla"
+  assert vit.resolve_attention("cudnn", jnp.float32) == "cudnn"
+  with pytest.raises(ValueError, match="config.model.attention"):
+    vit.resolve_attention("flash", jnp.bfloat16)
+  monkeypatch.setattr(vit.jax, "default_backend", lambda: "gpu")
+  assert vit.resolve_attention("auto", jnp.bfloat16) == "cudnn"
+  assert vit.resolve_attention("auto", jnp.float16) == "cudnn"
+  assert vit.resolve_attention("auto", jnp.float32) is None   # cuDNN: 16-bit.

@@ -59,8 +59,8 @@ _BATCHES = flags.DEFINE_list("batch_sizes", [], "Sweep these global batches "
 _REMAT = flags.DEFINE_list("remat", [], "Sweep these remat policies (none, "
                            "full, dots); default: the config's.")
 _ATTENTION = flags.DEFINE_list("attention", ["default"], "Sweep attention "
-                               "implementations: default (the model's "
-                               "choice), xla, cudnn.")
+                               "implementations: default (the config's "
+                               "model.attention), xla, cudnn.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up.")
 _CLASSES = flags.DEFINE_integer("num_classes", 64, "ArcFace classes if used.")
 _PEAK_N = flags.DEFINE_integer("peak_matmul_size", 4096, "Peak matmul size.")

@@ -37,6 +37,23 @@ def sincos_1d(num_positions: int, dim: int) -> np.ndarray:
                         axis=1).astype(np.float32)
 
 
+ATTENTION = ("auto", "xla", "cudnn")
+
+
+def resolve_attention(name: str, dtype: Dtype) -> str | None:
+  """`config.model.attention` -> `jax.nn.dot_product_attention`'s
+  implementation. "auto": cuDNN's fused (flash) kernel on GPUs when q/k/v are
+  16-bit, as it needs; XLA's otherwise (CPU, TPU, float32). On an H200 at the
+  canonical size and batch 256 in bf16 the fused kernel took the step from
+  65.0 to 55.6 ms: XLA writes out every score matrix."""
+  if name not in ATTENTION:
+    raise ValueError(f"config.model.attention={name!r}: one of {ATTENTION}.")
+  if name == "auto":
+    sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else None
+  return name
+
+
 def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
   """Per-example gather `x[b, idx[b, j]]`.
 
