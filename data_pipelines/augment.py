@@ -289,6 +289,16 @@ def hum(rng: np.random.Generator, n: int) -> np.ndarray:
   return (x / np.sqrt(np.mean(x ** 2))).astype(np.float32)
 
 
+# Noise kinds made from nothing but the rng: noise-only examples draw a fresh
+# clip (a few ms, 1 example in 10), not one of the bank's few, so the activity
+# head cannot learn the bank's handful of tones as "not speech" and call every
+# other tone speech.
+SYNTHETIC = {
+    "coloured": lambda rng, n: coloured_noise(rng, n, rng.uniform(0.0, 2.0)),
+    "hum": hum,
+}
+
+
 # --- Banks ---
 
 
@@ -431,11 +441,8 @@ class Banks:
     n = int(cfg.bank_seconds * SR)
     noise: dict[str, list[np.ndarray]] = {}
     for kind in cfg.kinds:
-      if kind == "coloured":
-        noise[kind] = [coloured_noise(rng, n, rng.uniform(0.0, 2.0))
-                       for _ in range(cfg.bank_clips)]
-      elif kind == "hum":
-        noise[kind] = [hum(rng, n) for _ in range(cfg.bank_clips)]
+      if kind in SYNTHETIC:
+        noise[kind] = [SYNTHETIC[kind](rng, n) for _ in range(cfg.bank_clips)]
       elif kind == "babble":
         if not speech:
           raise ValueError("Babble noise needs speech utterances.")
@@ -481,7 +488,8 @@ def augment_example(ex: dict[str, np.ndarray], cfg: AugmentConfig,
   quiet_kinds = [kind for kind in cfg.kinds if kind != "babble"]
   if k == 0 and ex.get("noise_only", False) and quiet_kinds:
     kind = quiet_kinds[int(rng.integers(len(quiet_kinds)))]
-    noise = banks.noise_clip(kind, n, rng)
+    noise = (SYNTHETIC[kind](rng, n) if kind in SYNTHETIC
+             else banks.noise_clip(kind, n, rng))
     level = 10.0 ** (rng.uniform(*cfg.noise_only_level_db) / 20.0)
     mixture = (np.float32(level / np.sqrt(max(power(noise), 1e-20)))
                * noise).astype(np.float32)

@@ -143,6 +143,20 @@ def test_noise_only_examples_never_use_babble(manifest, index):
   assert not ex["mixture"].any() and not ex["activity"].any()
 
 
+def test_noise_only_examples_draw_fresh_noise_not_the_bank(manifest, index):
+  tr = transform(manifest, index, p_noise_only=1.0, noise_kinds=("hum",),
+                 bank_clips=1, p_eq=0.0, p_bandlimit=0.0, p_telephone=0.0,
+                 gain_db=0.0)
+  clip = tr.banks.noise["hum"][0]
+  for i in range(3):
+    x = tr.random_map(i, np.random.default_rng(i))["mixture"]
+    # Best normalised match of x against every crop of the bank's one clip.
+    xcorr = scipy.signal.correlate(clip, x, mode="valid", method="fft")
+    energy = np.sqrt(np.convolve(clip ** 2, np.ones(len(x)), mode="valid"))
+    best = np.max(np.abs(xcorr) / (energy * np.linalg.norm(x) + 1e-12))
+    assert best < 0.9
+
+
 def test_no_op_settings_leave_the_mixture_dry(manifest, index):
   tr = transform(manifest, index, p_reverb=0.0, p_noise=0.0, p_eq=0.0,
                  p_bandlimit=0.0, p_telephone=0.0, gain_db=0.0,
