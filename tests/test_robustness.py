@@ -1,5 +1,7 @@
 """Evaluation conditions and the training-free speaker floor."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -108,3 +110,13 @@ def test_heldout_mixtures_under_a_condition_keep_their_labels():
     assert snr == pytest.approx(10.0, abs=1e-2)
   with pytest.raises(ValueError, match="Unknown condition"):
     HeldoutMixtures(manifest, condition="snr5", **kw)
+
+
+def test_a_model_without_speaker_or_activity_head_is_skipped_cheaply():
+  config = types.SimpleNamespace(every=1, batch_size=4)
+  model = types.SimpleNamespace(heads={"rwse": None})
+  # No manifest is read and no bank is built: the path does not even exist.
+  ev = robustness.RobustnessEvaluator("robustness", config, model,
+                                      "/nonexistent/manifest.tsv", seed=0)
+  assert ev.run(model, {"params": {"heads": {}}}) == {}
+  assert not hasattr(ev, "banks")

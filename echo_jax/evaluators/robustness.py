@@ -76,6 +76,9 @@ def conditioned(waves: np.ndarray, lengths: np.ndarray, condition: str,
   return out
 
 
+_JUDGED = {"speaker", "activity"}   # The heads this evaluator reports on.
+
+
 class RobustnessEvaluator:
   """`run(model, state) -> {name: value}`; config: every, seconds,
   batch_size, max_utterances_per_speaker, conditions, noise_only_clips,
@@ -85,6 +88,11 @@ class RobustnessEvaluator:
                seed: int):
     self.name, self.every, self.seed = name, config.every, seed
     self.batch_size = config.batch_size
+    self.judged = bool(_JUDGED & set(model.heads))
+    if not self.judged:  # E.g. stage 1: skip the clips, banks and floors.
+      logging.info("%s: the model has no %s head; nothing to evaluate.", name,
+                   " or ".join(sorted(_JUDGED)))
+      return
     self.conditions = tuple(config.conditions)
     unknown = set(self.conditions) - set(augment.CONDITIONS)
     if unknown:
@@ -175,10 +183,10 @@ class RobustnessEvaluator:
     return out
 
   def run(self, model: EchoModel, state: dict) -> dict:
+    if not self.judged:
+      return {}
     params = state["params"]
     heads = params["heads"]
-    if not {"speaker", "activity"} & set(heads):
-      return {}  # Nothing of this model to judge (e.g. stage 1).
     if not hasattr(self, "_activity"):
       self._activity = jax.jit(
           lambda p, w: model.apply_head(
