@@ -12,7 +12,6 @@ with oracle speech activity (see echo_jax/evaluators/diarization_eval.py).
 from __future__ import annotations
 
 import argparse
-import json
 
 from echo_jax import diarizer as diarizer_lib
 from echo_jax.evaluators import diarization_eval
@@ -51,11 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
       k_min=args.k_min, k_max=args.k_max, seed=args.seed,
       out_dir=args.out_dir)
   results.update(workdir=args.workdir, step=diarizer.step, manifest=manifest)
-  print(diarization_eval.format_report(results))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
-  return results
+  return cli.print_and_save(results, diarization_eval.format_report(results),
+                            args.json)
 
 
 if __name__ == "__main__":

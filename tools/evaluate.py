@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import logging
 import math
 import os
@@ -259,11 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           rttm.write_rttm(os.path.join(args.hyp_out, f"{file_id}.rttm"),
                           segments)
     results["diarization"] = evaluate_der(reference, hypothesis, uem)
-  print(format_results(results))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
-  return results
+  return cli.print_and_save(results, format_results(results), args.json)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ file is scored over the extent of its reference + hypothesis segments.
 from __future__ import annotations
 
 import argparse
-import json
 
 from echo_jax.diarization import rttm
 from echo_jax.diarization import scoring
+from tools import cli
 
 
 def _read_many(paths: str) -> dict[str, list[rttm.Segment]]:
@@ -55,11 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
   uem = rttm.read_uem(args.uem) if args.uem else None
   results = scoring.score(_read_many(args.ref), _read_many(args.hyp), uem,
                           [float(c) for c in args.collars.split(",")])
-  print(format_table(results))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
-  return results
+  return cli.print_and_save(results, format_table(results), args.json)
 
 
 if __name__ == "__main__":
