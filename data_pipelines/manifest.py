@@ -86,3 +86,14 @@ def utterances_of(utterances: Sequence[Utterance], split: str
                   ) -> list[Utterance]:
   """The utterances of one split, in manifest order."""
   return [u for u in utterances if u.split == split]
+
+
+def first_per_speaker(utterances: Sequence[Utterance], limit: int,
+                      max_speakers: int | None = None) -> list[Utterance]:
+  """The first `limit` utterances (manifest order) of each speaker, speakers
+  sorted by name, the first `max_speakers` of them when given."""
+  by_speaker: dict[str, list[Utterance]] = {}
+  for u in utterances:
+    by_speaker.setdefault(u.speaker, []).append(u)
+  speakers = sorted(by_speaker)[:max_speakers]
+  return [u for spk in speakers for u in by_speaker[spk][:limit]]

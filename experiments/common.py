@@ -96,7 +96,10 @@ def base(variant: str | None) -> ml_collections.ConfigDict:
   c.checkpoint = dict(every=1000, keep=3)
   c.evals = dict(speaker=dict(type="speaker", every=5000, seconds=4.0,
                               batch_size=64, max_utterances_per_speaker=40,
-                              random_floor=True),
+                              random_floor=True,
+                              # *_best_layer is chosen on this many train
+                              # speakers, not on the held-out ones reported.
+                              layer_select_speakers=40),
                  # At the end only: clean / noisy / reverberant / telephone
                  # speaker ID and noise false alarm (see robustness.py).
                  robustness=dict(type="robustness", every=10**9, seconds=4.0,

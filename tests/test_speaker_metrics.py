@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from echo_jax.evaluators import speaker_eval
 from echo_jax.evaluators import speaker_metrics as sm
 
 
@@ -177,3 +178,37 @@ def test_frame_knn_ignores_unlabelled_frames():
   acc = sm.frame_knn_accuracy(train_plus, train_labels_plus, test,
                               test_labels_half)
   assert acc == 1.0
+
+
+def test_best_layer_is_chosen_on_train_speakers_not_the_reported_ones():
+  # Layer 0 separates the held-out speakers, layer 1 the train speakers: the
+  # reported "best" must be layer 1, with its (poor) held-out top-1.
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(4), 6)
+  centres = 10 * rng.standard_normal((4, 8))
+  clear = centres[labels] + 0.1 * rng.standard_normal((24, 8))
+  noise = rng.standard_normal((24, 8))
+  ev = speaker_eval.SpeakerEvaluator.__new__(speaker_eval.SpeakerEvaluator)
+  ev.name, ev.seed, ev.batch_size, ev.labels = "speaker", 0, 8, labels
+  # Row i carries its index, and whether it is a train row, in its samples.
+  ev.waves = np.zeros((24, 16), np.float32)            # Held-out rows.
+  ev.waves[:, 0] = np.arange(24)
+  ev.lengths = np.full(24, 16, np.int32)
+  select_waves = ev.waves.copy()                       # Train rows.
+  select_waves[:, 1] = 1.0
+  ev.select = (select_waves, ev.lengths, labels)
+
+  def pooled_layers(params, waves, lengths):
+    del params, lengths
+    idx = waves[:, 0].astype(int)
+    train = (waves[:, 1] > 0)[:, None]
+    return np.stack([np.where(train, noise[idx], clear[idx]),
+                     np.where(train, clear[idx], noise[idx])])
+
+  ev._pooled_layers = pooled_layers
+  r = ev._layer_metrics(None, "target")
+  assert r["speaker/target_L0_top1"] > 0.9 > r["speaker/target_L1_top1"]
+  assert r["speaker/target_best_layer"] == 1
+  assert r["speaker/target_best_top1"] == r["speaker/target_L1_top1"]
+  ev.select = None                                     # The fallback.
+  assert ev._layer_metrics(None, "target")["speaker/target_best_layer"] == 0

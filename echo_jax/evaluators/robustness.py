@@ -44,13 +44,6 @@ SPLITS = (manifest_lib.HELDOUT, manifest_lib.UNSEEN_VARIANT)
 NOISE_ONLY_KINDS = ("coloured", "hum", "files")   # Not babble: that is speech.
 
 
-def _per_speaker(utts, limit: int) -> list:
-  by_speaker: dict[str, list] = {}
-  for u in utts:
-    by_speaker.setdefault(u.speaker, []).append(u)
-  return [u for spk in sorted(by_speaker) for u in by_speaker[spk][:limit]]
-
-
 def eval_banks(manifest_path: str, seed: int, noise_dir: str = "",
                rir_dir: str = "") -> augment.Banks:
   """Noise (babble from train speech) and RIR banks for evaluation, drawn
@@ -102,8 +95,9 @@ class RobustnessEvaluator:
     all_utts = manifest_lib.read_manifest(manifest_path)
     self.sets = {}
     for split in SPLITS:
-      utts = _per_speaker(manifest_lib.utterances_of(all_utts, split),
-                          config.max_utterances_per_speaker)
+      utts = manifest_lib.first_per_speaker(
+          manifest_lib.utterances_of(all_utts, split),
+          config.max_utterances_per_speaker)
       skips = collections.Counter()
       clips = embed.load_clips(manifest_path, utts, self.num_samples,
                                skips=skips, context=name)
