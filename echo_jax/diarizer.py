@@ -41,6 +41,7 @@ from echo_jax.diarization import pipeline
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
 from echo_jax.model import EchoModel
+from echo_jax.objectives import routing as routing_lib
 
 _log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def _token_speech_probs(model: EchoModel, params: dict, waves: jax.Array
   return jax.nn.sigmoid(logits.astype(jnp.float32))
 
 
-def _route_windows(model: EchoModel, params: dict, waves: jax.Array
+def _route_windows(model: EchoModel, null_weight: float, params: dict,
+                   waves: jax.Array
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """[W, N] windows -> existence [W, S] and token activity [W, S, T]
   probabilities of the router's last layer, and per-slot speaker embeddings
@@ -94,7 +96,8 @@ def _route_windows(model: EchoModel, params: dict, waves: jax.Array
   than MIN_ALONE_TOKENS such tokens)."""
   feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
   out = model.apply_head("router", params, feats)
-  existence = jax.nn.sigmoid(out["existence"][-1])
+  existence = routing_lib.existence_probability(out["existence"][-1],
+                                                null_weight)
   activity = jax.nn.sigmoid(out["activity"][-1])
   active = (activity > 0.5) & (existence > 0.5)[..., None]
   alone = active & (active.sum(1, keepdims=True) == 1)
@@ -119,12 +122,14 @@ class EchoDiarizer:
     cfg: pipeline settings (`DiarizationConfig`).
     plda: fitted back-end; `fit_plda` / `load_or_fit_plda` set it.
     chunk_batch: activity chunks per model call.
+    null_weight: the stage-4 training's null-slot weight, which calibrates
+      the router's existence (`routing.existence_probability`).
   """
 
   def __init__(self, model: EchoModel, params: dict, *, chunk_samples: int,
                cfg: pipeline.DiarizationConfig | None = None,
                plda: plda_lib.PLDABackend | None = None,
-               chunk_batch: int = 8):
+               chunk_batch: int = 8, null_weight: float = 1.0):
     missing = [h for h in REQUIRED_HEADS if h not in params["heads"]]
     if missing:
       raise ValueError(f"params have no {missing} head(s) (found"
@@ -141,7 +146,8 @@ class EchoDiarizer:
     self.chunk_batch = int(chunk_batch)
     self._embed = embed.jit_with_model(embed.speaker_embeddings, model)
     self._speech = jax.jit(functools.partial(_token_speech_probs, model))
-    self._route = (jax.jit(functools.partial(_route_windows, model))
+    self._route = (jax.jit(functools.partial(_route_windows, model,
+                                             null_weight))
                    if "router" in params["heads"] else None)
     # Overlap-aware path: windows of the training clip length (positions the
     # router saw), 50% hop.
@@ -157,8 +163,10 @@ class EchoDiarizer:
                    ) -> "EchoDiarizer":
     """Diarizer of the latest checkpoint in `workdir` (PLDA not yet fitted)."""
     loaded = _load_for_diarization(workdir)
+    routing = loaded.config.objective.get("routing") or {}
     diarizer = cls(loaded.model, loaded.params,
-                   chunk_samples=loaded.num_samples, cfg=cfg)
+                   chunk_samples=loaded.num_samples, cfg=cfg,
+                   null_weight=routing.get("null_weight", 1.0))
     diarizer.workdir, diarizer.step = workdir, loaded.step
     try:
       diarizer.train_manifest = stream.resolve_manifest(loaded.config.data)

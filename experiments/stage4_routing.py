@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seconds=c.data.clip_seconds,         # The positions the model saw.
       k_min=c.data.k_min, k_max=c.data.k_max,
       target_layers=c.objective.routing.target_layers,
+      null_weight=c.objective.routing.get_ref("null_weight"),
       batch_size=common.by_variant(v, canonical=32, cpu=16, smoke=4))
   c.lock()
   return c

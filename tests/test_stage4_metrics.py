@@ -2,10 +2,14 @@
 SI-SDR, PIT accuracy, count accuracy (with the per-K confusion matrix) and
 the trivial baseline."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from echo_jax.evaluators import routing_metrics as rm
+from echo_jax.objectives import routing
 
 
 def _seq(seed, t=50, c=8):
@@ -88,3 +92,24 @@ def test_scores_of_perfect_slots_and_of_the_baseline():
   assert abs(s["baseline"]["si_sdr"] - rm.SI_SDR_CLIP_DB / 3) < 2
   assert s["baseline"]["pit_accuracy"] <= 0.5
   assert s["si_sdri"] > 0
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
+def test_existence_probability_undoes_the_null_weight(p):
+  # Fit one existence logit by gradient descent to labels that are 1 with
+  # probability p, null slots weighted 0.1 as in training: the raw sigmoid
+  # over-states p, the calibrated probability recovers it.
+  w = 0.1
+
+  def loss(z):
+    pos = optax.sigmoid_binary_cross_entropy(z, 1.0)
+    neg = optax.sigmoid_binary_cross_entropy(z, 0.0)
+    return p * pos + (1 - p) * w * neg
+
+  z = jax.jit(lambda z0: jax.lax.fori_loop(
+      0, 3000, lambda _, z: z - 2.0 * jax.grad(loss)(z), z0))(jnp.float32(0))
+  assert float(jax.nn.sigmoid(z)) > p + 0.05                 # Over-counts.
+  assert float(routing.existence_probability(z, w)) == pytest.approx(p,
+                                                                    abs=1e-3)
+  assert float(routing.existence_probability(z, 1.0)) == float(
+      jax.nn.sigmoid(z))

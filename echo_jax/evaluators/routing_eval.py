@@ -22,17 +22,21 @@ from echo_jax import inference
 from echo_jax.evaluators import routing_metrics
 from echo_jax.evaluators.eval_mixtures import HeldoutMixtures
 from echo_jax.model import EchoModel
+from echo_jax.objectives import routing as routing_lib
 from echo_jax.terms import routing_term
 
 _log = logging.getLogger(__name__)
 
 
-def route_and_targets(model: EchoModel, target_layers: int, params: dict,
-                      target: dict, mixture: jax.Array, sources: jax.Array
+def route_and_targets(model: EchoModel, target_layers: int,
+                      null_weight: float, params: dict, target: dict,
+                      mixture: jax.Array, sources: jax.Array
                       ) -> dict[str, jax.Array]:
   """Last decoder layer's slots and the latents they are scored against.
 
   Args:
+    null_weight: the training's null-slot weight (existence calibration:
+      `routing.existence_probability`).
     mixture: `[B, N]`; sources: `[B, K, N]`.
   Returns:
     latents `[B, S, T, C]`, existence `[B, S]` probabilities, activity
@@ -45,7 +49,8 @@ def route_and_targets(model: EchoModel, target_layers: int, params: dict,
   mixture_latent = routing_term.source_targets(model, target, mixture[:, None],
                                                target_layers)[:, 0]
   return {"latents": out["latents"][-1],
-          "existence": jax.nn.sigmoid(out["existence"][-1]),
+          "existence": routing_lib.existence_probability(
+              out["existence"][-1], null_weight),
           "activity": jax.nn.sigmoid(out["activity"][-1]),
           "targets": targets, "mixture_latent": mixture_latent}
 
@@ -147,7 +152,8 @@ class RoutingEvaluator:
     if self._model is not model:  # Jitted once; params are arguments.
       self._model = model
       self._forward = jax.jit(functools.partial(
-          route_and_targets, model, self.config.get("target_layers", 4)))
+          route_and_targets, model, self.config.get("target_layers", 4),
+          self.config.get("null_weight", 1.0)))
     return self._forward
 
   def run(self, model: EchoModel, state: dict) -> dict[str, float]:
@@ -177,7 +183,8 @@ def evaluate_workdir(workdir: str, *, num_mixtures: int, batch_size: int,
       k_max=config.data.k_max, seed=seed, clamp_k_max=True)
   forward = jax.jit(functools.partial(
       route_and_targets, online.model,
-      config.objective.routing.target_layers))
+      config.objective.routing.target_layers,
+      config.objective.routing.null_weight))
   results = evaluate_routing(forward, online.params, ema.params["encoder"],
                              mixtures, num_mixtures, batch_size)
   results.update(workdir=workdir, step=online.step)

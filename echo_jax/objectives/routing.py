@@ -22,6 +22,19 @@ import optax
 from echo_jax import matching
 
 
+def existence_probability(logits: jax.Array, null_weight: float) -> jax.Array:
+  """Calibrated P(slot holds a source) from existence logits trained with
+  null slots weighted `null_weight`.
+
+  Weighted BCE is minimised at logit = log(p / (w (1 - p))): down-weighting
+  the negatives shifts every logit up by -log w (+2.3 at DETR's 0.1), which
+  suits DETR's 100 queries for a few objects but, read as sigmoid > 0.5,
+  over-counts with S = K_max + 1 slots. Adding log w undoes the shift
+  exactly, so 0.5 means even odds again (logit adjustment, Menon et al.
+  2021)."""
+  return jax.nn.sigmoid(logits + jnp.log(null_weight))
+
+
 def token_activity(activity: jax.Array, patch_frames: int) -> jax.Array:
   """Frame activity `[B, K, F]` -> token activity `[B, K, F // p]` (a token
   is active when any of its frames is)."""
@@ -141,7 +154,8 @@ def routing_loss(outputs: dict, targets: jax.Array,
     total += w * layer_loss
     norm += w
   loss = total / norm
-  count = jnp.sum(outputs["existence"][-1] > 0, -1)
+  count = jnp.sum(existence_probability(outputs["existence"][-1], null_weight)
+                  > 0.5, -1)
   metrics = {"latent": parts["latent"], "activity": parts["activity"],
              "existence": parts["existence"],
              "count_accuracy": jnp.mean(count == present.sum(-1)),
