@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from echo_jax import xla_options
 from echo_jax.models import vit
 from echo_jax.models.precision import AUTO_MIN_SPEEDUP, COMPUTE_DTYPES, DTYPES
 from echo_jax.models.precision import Dtype
@@ -38,7 +39,9 @@ def _block_step_seconds(dtype, width: int, num_heads: int, mlp_dim: int,
   def loss(params, x):
     return jnp.sum(jnp.square(block.apply(params, x)))
 
-  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  # Compiled as the train step is (echo_jax/xla_options.py), or the choice
+  # would be made for a different program.
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)), **xla_options.jit_kwargs())
   jax.block_until_ready(step(params, x))
   times = []
   for _ in range(repeats):
@@ -65,8 +68,10 @@ def measure_compute_dtype(width: int, num_heads: int, mlp_dim: int,
 
 def _cache_key(width: int, num_heads: int, mlp_dim: int) -> str:
   device = jax.devices()[0]
+  options = "".join(f"|{k}={v}" for k, v in
+                    sorted(xla_options.train_step_options().items()))
   return (f"{jax.default_backend()}|{device.device_kind}|jax {jax.__version__}"
-          f"|width {width}|heads {num_heads}|mlp {mlp_dim}")
+          f"|width {width}|heads {num_heads}|mlp {mlp_dim}{options}")
 
 
 @functools.lru_cache(maxsize=None)
