@@ -88,7 +88,7 @@ def utterances_of(utterances: Sequence[Utterance], split: str
   return [u for u in utterances if u.split == split]
 
 
-def first_per_speaker(utterances: Sequence[Utterance], limit: int,
+def first_per_speaker(utterances: Sequence[Utterance], limit: int | None,
                       max_speakers: int | None = None) -> list[Utterance]:
   """The first `limit` utterances (manifest order) of each speaker, speakers
   sorted by name, the first `max_speakers` of them when given."""

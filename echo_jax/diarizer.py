@@ -24,7 +24,6 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -389,17 +388,13 @@ def plda_windows(manifest_path: str, window_samples: int, *,
   reason) and counted by reason in `skips`; the other utterances' windows
   are the same as without it. Raises only if fewer than 2 speakers remain.
   """
-  utts = [u for u in manifest_lib.read_manifest(manifest_path)
-          if u.split == split]
-  per_speaker: dict[str, list[manifest_lib.Utterance]] = {}
-  for u in utts:
-    per_speaker.setdefault(u.speaker, []).append(u)
-  if len(per_speaker) < 2:
+  chosen = manifest_lib.first_per_speaker(
+      manifest_lib.utterances_of(manifest_lib.read_manifest(manifest_path),
+                                 split), max_utterances_per_speaker)
+  num_speakers = len({u.speaker for u in chosen})
+  if num_speakers < 2:
     raise ValueError(f"PLDA needs >= 2 speakers of split {split!r} in"
-                     f" {manifest_path}; found {len(per_speaker)}.")
-  chosen: Sequence[manifest_lib.Utterance] = [
-      u for spk in sorted(per_speaker)
-      for u in per_speaker[spk][:max_utterances_per_speaker]]
+                     f" {manifest_path}; found {num_speakers}.")
   store = storage.AudioStore(manifest_path)
   rng = np.random.default_rng(seed)
   skipped: collections.Counter = collections.Counter()
