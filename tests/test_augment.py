@@ -143,18 +143,39 @@ def test_noise_only_examples_never_use_babble(manifest, index):
   assert not ex["mixture"].any() and not ex["activity"].any()
 
 
+def best_crop_match(clip, x):
+  """Best normalised correlation of `x` with any crop of `clip`."""
+  xcorr = scipy.signal.correlate(clip, x, mode="valid", method="fft")
+  energy = np.sqrt(np.convolve(clip ** 2, np.ones(len(x)), mode="valid"))
+  return np.max(np.abs(xcorr) / (energy * np.linalg.norm(x) + 1e-12))
+
+
+NO_CHANNEL = dict(p_eq=0.0, p_bandlimit=0.0, p_telephone=0.0, gain_db=0.0)
+
+
 def test_noise_only_examples_draw_fresh_noise_not_the_bank(manifest, index):
   tr = transform(manifest, index, p_noise_only=1.0, noise_kinds=("hum",),
-                 bank_clips=1, p_eq=0.0, p_bandlimit=0.0, p_telephone=0.0,
-                 gain_db=0.0)
+                 bank_clips=1, **NO_CHANNEL)
   clip = tr.banks.noise["hum"][0]
+  assert best_crop_match(clip, clip[100:100 + 2 * SR]) > 0.99  # The probe.
   for i in range(3):
     x = tr.random_map(i, np.random.default_rng(i))["mixture"]
-    # Best normalised match of x against every crop of the bank's one clip.
-    xcorr = scipy.signal.correlate(clip, x, mode="valid", method="fft")
-    energy = np.sqrt(np.convolve(clip ** 2, np.ones(len(x)), mode="valid"))
-    best = np.max(np.abs(xcorr) / (energy * np.linalg.norm(x) + 1e-12))
-    assert best < 0.9
+    assert best_crop_match(clip, x) < 0.9
+
+
+def test_training_babble_is_fresh_talkers_not_the_bank(manifest, index):
+  tr = transform(manifest, index, p_noise_only=0.0, p_noise=1.0,
+                 p_reverb=0.0, noise_kinds=("babble",), bank_clips=1,
+                 **NO_CHANNEL)
+  clip = tr.banks.noise["babble"][0]
+  for i in range(3):
+    ex = tr.random_map(i, np.random.default_rng(i))
+    noise = ex["mixture"] - ex["clean"]
+    assert augment.power(noise) > 0
+    assert best_crop_match(clip, noise) < 0.9
+  # Fresh babble is made like the bank's: 4-7 level-matched talkers.
+  fresh = augment.babble(tr.banks.speech, np.random.default_rng(0), 2 * SR)
+  assert 3.5 < augment.power(fresh) < 7.5
 
 
 def test_no_op_settings_leave_the_mixture_dry(manifest, index):
