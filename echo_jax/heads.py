@@ -64,7 +64,9 @@ def _router(model_config) -> nn.Module:
                     num_heads=r.num_heads, mlp_dim=r.mlp_dim,
                     latent_dim=model_config.encoder.width,
                     latent_hidden=r.latent_hidden,
-                    activity_dim=r.activity_dim)
+                    activity_dim=r.activity_dim,
+                    # Configs saved before the residual router lack it.
+                    residual_layers=r.get("residual_layers", 0))
 
 
 HEADS: Mapping[str, HeadSpec] = {
@@ -90,7 +92,8 @@ HEADS: Mapping[str, HeadSpec] = {
                                           num_components=m.content_components),
         init_inputs=_frames),
     # Routing slots (stage 4): per slot a latent sequence, existence, activity.
-    "router": HeadSpec(build=lambda m, info: _router(m), init_inputs=_frames),
+    "router": HeadSpec(build=lambda m, info: _router(m),
+                       init_inputs=lambda s: _frames(s) * 2),  # + base.
 }
 
 

@@ -35,7 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_heads=common.by_variant(v, canonical=8, cpu=4, smoke=2),
       mlp_dim=common.by_variant(v, canonical=1024, cpu=512, smoke=64),
       latent_hidden=common.by_variant(v, canonical=512, cpu=256, smoke=32),
-      activity_dim=common.by_variant(v, canonical=128, cpu=64, smoke=16))
+      activity_dim=common.by_variant(v, canonical=128, cpu=64, smoke=16),
+      # Slots correct the mixture's own latent (models/router.py).
+      residual_layers=c.objective.jepa.target_layers)
   c.objective.jepa.weight = 0.5            # Keep the JEPA skill alive,
   c.objective.crop.weight = 0.5            # both of its terms,
   c.objective.activity = dict(weight=0.1)  # and speech activity.

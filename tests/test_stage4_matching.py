@@ -122,6 +122,31 @@ def test_router_shapes_and_loss():
   assert 0.0 <= float(metrics["count_accuracy"]) <= 1.0
 
 
+def test_residual_router_starts_every_slot_at_the_mixture_latent():
+  router = SlotRouter(num_slots=3, width=16, depth=2, num_heads=2, mlp_dim=32,
+                      latent_dim=8, latent_hidden=16, activity_dim=8,
+                      residual_layers=2)
+  feats = jax.random.normal(jax.random.PRNGKey(1), (2, 10, 12))
+  base = jax.random.normal(jax.random.PRNGKey(2), (2, 10, 8))
+  params = router.init(jax.random.PRNGKey(0), feats, base)
+  out = router.apply(params, feats, base)
+  # Zero-initialised correction: every slot of every layer is the base.
+  np.testing.assert_allclose(
+      out["latents"], jnp.broadcast_to(base[None, :, None], (2, 2, 3, 10, 8)),
+      atol=1e-6)
+  # The correction still learns: the loss has a gradient on its kernel.
+  targets = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 10, 8))
+
+  def loss(p):
+    return routing.routing_loss(router.apply(p, feats, base), targets,
+                                jnp.ones((2, 2, 10)),
+                                jnp.ones((2, 2), bool))[0]
+  grad = jax.grad(loss)(params)["params"]["outputs"]["latent_out"]["kernel"]
+  assert float(jnp.abs(grad).max()) > 0
+  with pytest.raises(ValueError, match="mixture latent"):
+    router.apply(params, feats)
+
+
 def test_token_activity():
   frames = jnp.array([[[0, 0, 1, 0, 0, 0, 0, 0, 1]]], jnp.float32)
   np.testing.assert_array_equal(routing.token_activity(frames, 4),

@@ -10,6 +10,14 @@ slots, so each layer gets its own (auxiliary) loss, as in DETR:
   existence  one logit per slot (is this slot carrying a source?);
   activity   one logit per slot and token: the scaled dot product of a slot
              projection and a frame projection (EEND's attractor scores).
+
+With `residual_layers` = n > 0 a slot's latent is the mixture's own latent
+(the layer-normed mean of the online encoder's last n layers on the mixture,
+`base`) plus the MLP's output, which starts at zero. A source's latent is
+already close to the mixture's (about +11 dB latent SI-SDR for K <= 3), so
+every slot starts from that baseline and learns the correction, as a
+mask-based separator starts from the mixture; predicting the whole latent
+from scratch left slots 11 dB worse than the mixture after 800 cpu steps.
 """
 
 from __future__ import annotations
@@ -76,12 +84,15 @@ class SlotOutputs(nn.Module):
   latent_dim: int
   latent_hidden: int
   activity_dim: int
+  residual: bool = False   # Latents = base + output (zero-initialised).
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, slots: jax.Array, frames: jax.Array) -> dict:
-    """slots [B, S, D], frames [B, T, D] -> latents [B, S, T, latent_dim],
-    existence [B, S], activity [B, S, T] (logits; float32)."""
+  def __call__(self, slots: jax.Array, frames: jax.Array,
+               base: jax.Array | None = None) -> dict:
+    """slots [B, S, D], frames [B, T, D] (base [B, T, latent_dim] when
+    residual) -> latents [B, S, T, latent_dim], existence [B, S], activity
+    [B, S, T] (logits; float32)."""
     dense = lambda n, name, **kw: nn.Dense(  # noqa: E731
         n, dtype=self.dtype, param_dtype=jnp.float32, name=name, **kw)
     s = _norm("norm")(slots)
@@ -101,7 +112,12 @@ class SlotOutputs(nn.Module):
     z = nn.gelu(h[:, None] * (1.0 + scale[:, :, None])
                 + shift[:, :, None])                       # [B, S, T, H]
     z = nn.gelu(dense(self.latent_hidden, "latent_mid")(z))
-    latents = dense(self.latent_dim, "latent_out")(z).astype(jnp.float32)
+    if not self.residual:
+      latents = dense(self.latent_dim, "latent_out")(z).astype(jnp.float32)
+    else:
+      latents = base[:, None].astype(jnp.float32) + dense(
+          self.latent_dim, "latent_out", kernel_init=nn.initializers.zeros)(
+              z).astype(jnp.float32)
     return {"latents": latents, "existence": existence, "activity": activity}
 
 
@@ -116,6 +132,8 @@ class SlotRouter(nn.Module):
       regress the EMA encoder's JEPA targets).
     latent_hidden, activity_dim: sizes of the FiLM MLP and activity
       projections.
+    residual_layers: 0, or n: latents are corrections to the mixture's latent
+      (`base`, the mean of its last n layer-normed encoder layers).
   """
   num_slots: int
   width: int = 256
@@ -125,17 +143,26 @@ class SlotRouter(nn.Module):
   latent_dim: int = 512
   latent_hidden: int = 512
   activity_dim: int = 128
+  residual_layers: int = 0
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, features: jax.Array) -> dict[str, jax.Array]:
-    """`[B, T, W]` RWSE features -> dict of per-layer outputs:
-    latents `[depth, B, S, T, latent_dim]`, existence `[depth, B, S]`,
-    activity `[depth, B, S, T]` (logits). The last layer is the prediction.
+  def __call__(self, features: jax.Array, base: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """`[B, T, W]` RWSE features (and, when `residual_layers`, the mixture's
+    latent `base` `[B, T, latent_dim]`, see `routing_term.route`) -> dict of
+    per-layer outputs: latents `[depth, B, S, T, latent_dim]`, existence
+    `[depth, B, S]`, activity `[depth, B, S, T]` (logits). The last layer is
+    the prediction.
     """
     if features.ndim != 3:
       raise ValueError(f"SlotRouter expects features [batch, time, width]; "
                        f"found {features.shape}.")
+    if self.residual_layers and (base is None or base.shape != (
+        features.shape[:2] + (self.latent_dim,))):
+      raise ValueError(
+          f"A residual SlotRouter needs the mixture latent [batch, time, "
+          f"{self.latent_dim}]; found {None if base is None else base.shape}.")
     memory = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
                       name="memory_in")(features.astype(jnp.float32))
     memory = _norm("memory_norm")(memory.astype(jnp.float32))
@@ -143,10 +170,12 @@ class SlotRouter(nn.Module):
                          (self.num_slots, self.width), jnp.float32)
     slots = jnp.broadcast_to(queries, (features.shape[0],) + queries.shape)
     heads = SlotOutputs(self.latent_dim, self.latent_hidden,
-                        self.activity_dim, self.dtype, name="outputs")
+                        self.activity_dim, bool(self.residual_layers),
+                        self.dtype, name="outputs")
     per_layer = []
     for i in range(self.depth):
       slots = DecoderLayer(self.num_heads, self.mlp_dim, self.dtype,
                            name=f"layers_{i}")(slots, memory)
-      per_layer.append(heads(slots, memory))
+      per_layer.append(heads(slots, memory, base))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+

@@ -28,6 +28,19 @@ def source_targets(model, target_params: dict, sources: jax.Array,
   return targets.reshape((b, k) + targets.shape[1:])
 
 
+def route(model, params: dict, features: jax.Array, hidden: jax.Array
+          ) -> dict[str, jax.Array]:
+  """The router head on a mixture's encoder pass (RWSE `features`, all
+  layers `hidden`). A residual router (`residual_layers` = n) gets the
+  mixture's latent as its base: the JEPA target rule on the online encoder's
+  last n layers, the same kind of latent its slots are trained towards."""
+  n = model.heads["router"].residual_layers
+  if not n:
+    return model.apply_head("router", params, features)
+  return model.apply_head("router", params, features,
+                          jepa.layer_targets(hidden, n))
+
+
 def present_sources(num_speakers: jax.Array, k_max: int) -> jax.Array:
   """`[B]` K -> `[B, K_max]` bool: the stream fills slots 0..K-1."""
   return jnp.arange(k_max)[None, :] < num_speakers[:, None]
@@ -41,7 +54,7 @@ def loss(cfg, inputs: StepInputs, rng):
   target_activity = routing.token_activity(batch["activity"],
                                            model.patch_frames)
   present = present_sources(batch["num_speakers"], batch["sources"].shape[1])
-  outputs = model.apply_head("router", inputs.params, inputs.features)
+  outputs = route(model, inputs.params, *inputs.encoded)
   value, metrics = routing.routing_loss(
       outputs, targets, target_activity, present,
       latent_weight=cfg.latent_weight, activity_weight=cfg.activity_weight,
