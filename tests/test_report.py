@@ -142,3 +142,17 @@ def test_console_shows_losses_and_warnings_not_the_config():
       "W disk slow")
   assert stack.console_line("  batch_size: 8\n") is None
   assert stack.console_line(prefix + "Config:") is None
+
+
+def test_der_table_of_a_model_without_router():
+  # Stages 1-2 only: the diarization evaluation has no overlap-aware path.
+  from echo_jax.diarization import scoring
+  from echo_jax.report import timeline
+  cell = dict(der=0.25, missed_rate=0.1, false_alarm_rate=0.05,
+              confusion_rate=0.1)
+  results = {v: {scoring.collar_key(0.0): cell, scoring.collar_key(0.25): cell,
+                 "count": {"accuracy": 0.5}}
+             for v in ("blind", "oracle_activity")}
+  table = timeline.der_table(results)
+  assert table.count("<td>blind</td>") == 2
+  assert "overlap_aware" not in table and "25.0%" in table

@@ -91,7 +91,8 @@ def der_table(results: dict) -> str:
   rows = ["<tr><th>Variant</th><th>Collar (&plusmn;s)</th><th>DER</th>"
           "<th>Missed</th><th>False alarm</th><th>Confusion</th>"
           "<th>Speaker count accuracy</th></tr>"]
-  for variant in diarization_eval.VARIANTS:
+  # Overlap-aware rows only where the model has a router (stage 4).
+  for variant in (v for v in diarization_eval.VARIANTS if v in results):
     for collar in (0.0, 0.25):
       c = results[variant][scoring.collar_key(collar)]
       rows.append(
