@@ -40,7 +40,6 @@ from echo_jax.diarization import pipeline
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
 from echo_jax.model import EchoModel
-from echo_jax.terms import routing_term
 from echo_jax.objectives import routing as routing_lib
 
 _log = logging.getLogger(__name__)
@@ -94,9 +93,9 @@ def _route_windows(model: EchoModel, null_weight: float, params: dict,
   [W, S, D]: the stage-2 pooling over the tokens where the slot is active
   and no other existing slot is (all its active tokens when it has fewer
   than MIN_ALONE_TOKENS such tokens)."""
-  feats, hidden = model.features(params, params["encoder"],
-                                 model.log_mel(waves))
-  out = routing_term.route(model, params, feats, hidden)
+  feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
+  # Existence and activity only: a residual router's latents are not read.
+  out = model.apply_head("router", params, feats)
   existence = routing_lib.existence_probability(out["existence"][-1],
                                                 null_weight)
   activity = jax.nn.sigmoid(out["activity"][-1])

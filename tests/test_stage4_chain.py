@@ -92,6 +92,11 @@ def test_stage4_chains_from_stage2(runs, stage4):
     assert 0.0 <= final[f"routing/{key}"] <= 1.0
   assert np.isfinite(final["routing/si_sdr"])
   assert np.isfinite(final["routing/baseline_si_sdr"])
+  # The residual router's corrections start at zero (lr 0 keeps them there),
+  # so its slots are the EMA encoder's mixture latent: the baseline exactly.
+  assert config.model.router.residual_layers > 0
+  np.testing.assert_allclose(final["routing/si_sdr"],
+                             final["routing/baseline_si_sdr"], rtol=1e-4)
   with open(root / "routing.json") as f:
     results = json.load(f)
   # K is capped by the tiny corpus's held-out speakers; S = k_max + 1 slots.

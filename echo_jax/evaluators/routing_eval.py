@@ -43,8 +43,9 @@ def route_and_targets(model: EchoModel, target_layers: int,
     `[B, S, T]` probabilities, targets `[B, K, T, C]`, mixture_latent
     `[B, T, C]`.
   """
-  out = routing_term.route(model, params, *model.features(
-      params, params["encoder"], model.log_mel(mixture)))
+  mel = model.log_mel(mixture)
+  feats, _ = model.features(params, params["encoder"], mel)
+  out = routing_term.route(model, params, feats, mel, target)
   targets = routing_term.source_targets(model, target, sources, target_layers)
   mixture_latent = routing_term.source_targets(model, target, mixture[:, None],
                                                target_layers)[:, 0]

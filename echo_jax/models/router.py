@@ -12,12 +12,14 @@ slots, so each layer gets its own (auxiliary) loss, as in DETR:
              projection and a frame projection (EEND's attractor scores).
 
 With `residual_layers` = n > 0 a slot's latent is the mixture's own latent
-(the layer-normed mean of the online encoder's last n layers on the mixture,
-`base`) plus the MLP's output, which starts at zero. A source's latent is
+(`base`: its JEPA target, the layer-normed mean of the EMA encoder's last n
+layers) plus the MLP's output, which starts at zero. A source's latent is
 already close to the mixture's (about +11 dB latent SI-SDR for K <= 3), so
 every slot starts from that baseline and learns the correction, as a
 mask-based separator starts from the mixture; predicting the whole latent
 from scratch left slots 11 dB worse than the mixture after 800 cpu steps.
+Without `base` the latents are the corrections alone, for callers that read
+only existence and activity (the overlap-aware diarizer).
 """
 
 from __future__ import annotations
@@ -115,9 +117,10 @@ class SlotOutputs(nn.Module):
     if not self.residual:
       latents = dense(self.latent_dim, "latent_out")(z).astype(jnp.float32)
     else:
-      latents = base[:, None].astype(jnp.float32) + dense(
-          self.latent_dim, "latent_out", kernel_init=nn.initializers.zeros)(
-              z).astype(jnp.float32)
+      latents = dense(self.latent_dim, "latent_out",
+                      kernel_init=nn.initializers.zeros)(z).astype(jnp.float32)
+      if base is not None:
+        latents = base[:, None].astype(jnp.float32) + latents
     return {"latents": latents, "existence": existence, "activity": activity}
 
 
@@ -133,7 +136,7 @@ class SlotRouter(nn.Module):
     latent_hidden, activity_dim: sizes of the FiLM MLP and activity
       projections.
     residual_layers: 0, or n: latents are corrections to the mixture's latent
-      (`base`, the mean of its last n layer-normed encoder layers).
+      (`base`, the mean of the EMA encoder's last n layer-normed layers).
   """
   num_slots: int
   width: int = 256
@@ -158,11 +161,10 @@ class SlotRouter(nn.Module):
     if features.ndim != 3:
       raise ValueError(f"SlotRouter expects features [batch, time, width]; "
                        f"found {features.shape}.")
-    if self.residual_layers and (base is None or base.shape != (
-        features.shape[:2] + (self.latent_dim,))):
-      raise ValueError(
-          f"A residual SlotRouter needs the mixture latent [batch, time, "
-          f"{self.latent_dim}]; found {None if base is None else base.shape}.")
+    if base is not None and base.shape != (features.shape[:2]
+                                            + (self.latent_dim,)):
+      raise ValueError(f"SlotRouter base must be [batch, time, "
+                       f"{self.latent_dim}]; found {base.shape}.")
     memory = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
                       name="memory_in")(features.astype(jnp.float32))
     memory = _norm("memory_norm")(memory.astype(jnp.float32))

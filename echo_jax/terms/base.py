@@ -40,15 +40,11 @@ class StepInputs:
     return self.model.log_mel(self.batch["clean"])
 
   @functools.cached_property
-  def encoded(self) -> tuple[jax.Array, jax.Array]:
-    """The online encoder's full pass: (RWSE features [B, T, W], all layers
-    [L, B, T, W])."""
-    return self.model.features(self.params, self.params["encoder"], self.mel)
-
-  @property
   def features(self) -> jax.Array:
     """RWSE features [B, T, W] of the online encoder's full pass."""
-    return self.encoded[0]
+    feats, _ = self.model.features(self.params, self.params["encoder"],
+                                   self.mel)
+    return feats
 
 
 LossFn = Callable[[object, StepInputs, jax.Array], tuple[jax.Array, dict]]
