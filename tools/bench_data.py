@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--workers", type=int, default=0)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--seconds", type=float, default=20.0)
+  parser.add_argument("--warmup-seconds", type=float, default=5.0,
+                      help="Batches drawn before timing starts: worker "
+                      "start-up, first reads of the corpus pages, the "
+                      "allocator's first growth.")
   parser.add_argument("--clip-seconds", type=float, default=4.0)
   parser.add_argument("--k-max", type=int, default=3)
   parser.add_argument("--keys", default=None,
@@ -172,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
                                 keys=args.keys.split(",") if args.keys else None,
                                 augment=augment if args.augment else None)
   it = iter(ds)
-  next(it)  # Start-up (worker spawn, index pickling) is not throughput.
+  next(it)  # Start-up (worker spawn, index pickling) is not throughput,
+  start = time.perf_counter()  # nor is the first touch of each page.
+  while time.perf_counter() - start < args.warmup_seconds:
+    next(it)
   count, start, cpu_start = 0, time.perf_counter(), _cpu_seconds()
   while time.perf_counter() - start < args.seconds:
     next(it)
@@ -181,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
   cpu = _cpu_seconds() - cpu_start
   rate = count / elapsed
   print(f"{count} mixtures ({args.clip_seconds:g} s clips, K<={args.k_max}, "
-        f"batch {args.batch_size}) in {elapsed:.1f} s wall, {cpu:.1f} CPU-s "
+        f"batch {args.batch_size}) in {elapsed:.1f} s wall after "
+        f"{args.warmup_seconds:g} s warm-up, {cpu:.1f} CPU-s "
         f"(workers={args.workers}, os.cpu_count()={os.cpu_count()}):\n"
         f"  {rate:.0f} mixtures/s total, "
         f"{rate / max(args.workers, 1):.0f} per worker, "
