@@ -92,6 +92,10 @@ def test_scores_of_perfect_slots_and_of_the_baseline():
   assert abs(s["baseline"]["si_sdr"] - rm.SI_SDR_CLIP_DB / 3) < 2
   assert s["baseline"]["pit_accuracy"] <= 0.5
   assert s["si_sdri"] > 0
+  # Per K, the lone source's clipped copy no longer hides the K = 2 baseline.
+  assert s["si_sdr_per_k"] == {1: rm.SI_SDR_CLIP_DB, 2: rm.SI_SDR_CLIP_DB}
+  assert s["baseline"]["si_sdr_per_k"][1] == rm.SI_SDR_CLIP_DB
+  assert abs(s["baseline"]["si_sdr_per_k"][2]) < 3
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5, 0.8])

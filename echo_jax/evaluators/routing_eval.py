@@ -99,6 +99,10 @@ def flat_metrics(results: dict, prefix: str) -> dict[str, float]:
          f"{prefix}/baseline_si_sdr": results["baseline"]["si_sdr"]}
   out.update({f"{prefix}/count_accuracy_k{k}": v
               for k, v in count["accuracy_per_k"].items()})
+  out.update({f"{prefix}/si_sdr_k{k}": v
+              for k, v in results.get("si_sdr_per_k", {}).items()})
+  out.update({f"{prefix}/baseline_si_sdr_k{k}": v for k, v in
+              results["baseline"].get("si_sdr_per_k", {}).items()})
   return {k: float(v) for k, v in out.items()}
 
 
@@ -119,6 +123,10 @@ def format_report(results: dict) -> str:
   rows.append(f"latent SI-SDR {results['si_sdr']:+.2f} dB, SI-SDRi"
               f" {results['si_sdri']:+.2f} dB (baseline: mixture latent"
               f" {base['si_sdr']:+.2f} dB)")
+  if results.get("si_sdr_per_k"):
+    rows.append("  by K: " + ", ".join(
+        f"K={k} {v:+.2f} dB (baseline {base['si_sdr_per_k'][k]:+.2f})"
+        for k, v in results["si_sdr_per_k"].items()))
   rows.append(f"{results['num_mixtures']} held-out mixtures of"
               f" {results['seconds']:g} s, K in [{results['k_min']},"
               f" {k_max}], seed {results['seed']}")

@@ -92,6 +92,7 @@ class RoutingScores:
   baseline_pit: list = dataclasses.field(default_factory=list)
   si_sdr: list = dataclasses.field(default_factory=list)        # K >= 1.
   mixture_si_sdr: list = dataclasses.field(default_factory=list)
+  source_k: list = dataclasses.field(default_factory=list)      # Its K.
 
   def add(self, slots: np.ndarray, existence: np.ndarray,
           targets: np.ndarray, mixture_latent: np.ndarray) -> None:
@@ -111,10 +112,17 @@ class RoutingScores:
     for est, ref in zip(matched, targets):
       self.si_sdr.append(si_sdr(est, ref))
       self.mixture_si_sdr.append(si_sdr(mixture_latent, ref))
+      self.source_k.append(k)
 
   def summary(self) -> dict:
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
     sdr, mix = np.array(self.si_sdr), np.array(self.mixture_si_sdr)
+    source_k = np.array(self.source_k)
+    # Per K as well: a K = 1 mixture's latent is its source's (+80 dB, the
+    # clip), which lifts the all-K baseline mean far above what it is on the
+    # mixtures that need separating.
+    per_k = lambda xs: {int(k): float(np.mean(xs[source_k == k]))  # noqa: E731
+                        for k in np.unique(source_k)}
     return dict(
         count=count_report(np.array(self.true_k, np.int64),
                            np.array(self.predicted_k, np.int64), self.k_max,
@@ -122,6 +130,8 @@ class RoutingScores:
         pit_accuracy=mean(self.pit), pit_sources=len(self.pit),
         si_sdr=mean(self.si_sdr),
         si_sdri=mean((sdr - mix).tolist()),
+        si_sdr_per_k=per_k(sdr),
         baseline=dict(pit_accuracy=mean(self.baseline_pit),
-                      si_sdr=mean(self.mixture_si_sdr), si_sdri=0.0),
+                      si_sdr=mean(self.mixture_si_sdr), si_sdri=0.0,
+                      si_sdr_per_k=per_k(mix)),
         num_sources=len(self.si_sdr))
