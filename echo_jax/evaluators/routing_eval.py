@@ -47,8 +47,8 @@ def route_and_targets(model: EchoModel, target_layers: int,
   feats, _ = model.features(params, params["encoder"], mel)
   out = routing_term.route(model, params, feats, mel, target)
   targets = routing_term.source_targets(model, target, sources, target_layers)
-  mixture_latent = routing_term.source_targets(model, target, mixture[:, None],
-                                               target_layers)[:, 0]
+  # The mixture's log-mel is already here: one EMA pass, no second log-mel.
+  mixture_latent = routing_term.ema_latent(model, target, mel, target_layers)
   return {"latents": out["latents"][-1],
           "existence": routing_lib.existence_probability(
               out["existence"][-1], null_weight),
