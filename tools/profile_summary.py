@@ -9,7 +9,9 @@ the XLA ops of a CPU host), so no TensorBoard is needed:
 
 Kinds are read from kernel names (cuBLAS / cuDNN / XLA fusion names); they
 say whether a step is bound by matmuls or by the elementwise and reduction
-work around them.
+work around them. `busy_ms` (the union of the device events, streams that
+overlap counted once) against `span_ms` (first event's start to last event's
+end) shows how long the device sat idle: kernel-launch gaps, host syncs.
 """
 
 from __future__ import annotations
@@ -79,18 +81,21 @@ def device_events(trace: dict) -> list[dict]:
 
 def leaves(events: list[dict]) -> list[dict]:
   """The events that hold no other event of their track (a `cond` or `call`
-  op encloses the ops it runs: counting both would count that time twice)."""
+  op encloses the ops it runs: counting both would count that time twice).
+  Only an event that ends within another is held by it: consecutive GPU
+  kernels whose recorded times overlap by a little are both leaves."""
   by_track = collections.defaultdict(list)
   for e in events:
     by_track[(e["pid"], e.get("tid"))].append(e)
   out = []
+  end = lambda e: e["ts"] + e["dur"]
   for track in by_track.values():
     track.sort(key=lambda e: (e["ts"], -e["dur"]))
     parent = set()
     stack: list[int] = []
     for i, e in enumerate(track):
-      while stack and (track[stack[-1]]["ts"] + track[stack[-1]]["dur"]
-                       <= e["ts"]):
+      while stack and (end(track[stack[-1]]) <= e["ts"]
+                       or end(track[stack[-1]]) < end(e)):
         stack.pop()
       if stack:
         parent.add(stack[-1])
@@ -99,14 +104,27 @@ def leaves(events: list[dict]) -> list[dict]:
   return out
 
 
+def busy_us(events: list[dict]) -> float:
+  """Length of the union of the events' intervals (overlaps counted once)."""
+  busy, end = 0.0, float("-inf")
+  for e in sorted(events, key=lambda e: e["ts"]):
+    start, stop = e["ts"], e["ts"] + e["dur"]
+    if stop > end:
+      busy += stop - max(start, end)
+      end = stop
+  return busy
+
+
 def summarize(trace_dir: str, steps: int = 1) -> dict:
-  """`{"total_ms", "by_kind": {kind: ms}, "top": [(name, kind, ms, count)]}`,
-  per step (times and counts divided by the `steps` traced)."""
+  """`{"total_ms", "busy_ms", "span_ms", "kernels", "by_kind": {kind: ms},
+  "top": [(name, kind, ms, count)]}`, per step (times and counts divided by
+  the `steps` traced)."""
   with gzip.open(trace_file(trace_dir), "rt") as f:
     trace = json.load(f)
+  events = device_events(trace)
   by_name: dict[str, float] = collections.defaultdict(float)
   count: collections.Counter = collections.Counter()
-  for e in device_events(trace):
+  for e in events:
     name = _base_name(e.get("name", "?"))
     by_name[name] += e["dur"] / 1e3 / steps       # us -> ms per step.
     count[name] += 1
@@ -114,7 +132,11 @@ def summarize(trace_dir: str, steps: int = 1) -> dict:
   for name, ms in by_name.items():
     by_kind[kind_of(name)] += ms
   top = sorted(by_name.items(), key=lambda kv: -kv[1])
+  span = (max(e["ts"] + e["dur"] for e in events)
+          - min(e["ts"] for e in events)) if events else 0.0
   return {"total_ms": sum(by_name.values()),
+          "busy_ms": busy_us(events) / 1e3 / steps,
+          "span_ms": span / 1e3 / steps, "kernels": len(events) / steps,
           "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
           "top": [(n, kind_of(n), ms, count[n] / steps) for n, ms in top]}
 
@@ -122,7 +144,10 @@ def summarize(trace_dir: str, steps: int = 1) -> dict:
 def format_summary(summary: dict, top: int = 25) -> str:
   total = summary["total_ms"] or float("nan")
   lines = [f"device time per step: {summary['total_ms']:.2f} ms (summed over "
-           "tracks; overlapping streams count twice)"]
+           "tracks; overlapping streams count twice)",
+           f"busy {summary['busy_ms']:.2f} ms of a {summary['span_ms']:.2f} ms "
+           f"span per step ({summary['kernels']:.0f} device ops): idle "
+           f"{summary['span_ms'] - summary['busy_ms']:.2f} ms"]
   for kind, ms in summary["by_kind"].items():
     lines.append(f"  {kind:20s} {ms:9.2f} ms  {100 * ms / total:5.1f}%")
   lines.append(f"top {top} kernels/ops:")
