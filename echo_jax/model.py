@@ -22,7 +22,8 @@ from echo_jax import audio
 from echo_jax import heads as heads_registry
 from echo_jax.models.auto_dtype import resolve_compute_dtype
 from echo_jax.models.precision import DTYPES
-from echo_jax.models.vit import Encoder, Predictor, resolve_attention
+from echo_jax.models.vit import (Encoder, Predictor, resolve_attention,
+                                 resolve_residual_dtype)
 
 __all__ = ["DTYPES", "EchoModel", "build_model", "clip_samples",
            "param_count"]
@@ -110,14 +111,17 @@ def build_model(config, num_classes: int = 0) -> EchoModel:
                                 m.encoder.num_heads, m.encoder.mlp_dim)
   remat = m.get("remat", "none")
   attention = resolve_attention(m.get("attention", "auto"), dtype)
+  residual = resolve_residual_dtype(m.get("residual_dtype", "float32"), dtype)
   encoder = Encoder(width=m.encoder.width, depth=m.encoder.depth,
                     num_heads=m.encoder.num_heads, mlp_dim=m.encoder.mlp_dim,
                     patch_frames=m.encoder.patch_frames, n_mels=m.n_mels,
-                    dtype=dtype, remat=remat, attention_impl=attention)
+                    dtype=dtype, remat=remat, attention_impl=attention,
+                    residual_dtype=residual)
   predictor = Predictor(width=m.predictor.width, depth=m.predictor.depth,
                         num_heads=m.predictor.num_heads,
                         mlp_dim=m.predictor.mlp_dim, out_dim=m.encoder.width,
-                        dtype=dtype, remat=remat, attention_impl=attention)
+                        dtype=dtype, remat=remat, attention_impl=attention,
+                        residual_dtype=residual)
   heads = heads_registry.build_heads(
       m, heads_registry.BuildInfo(num_classes=num_classes))
   return EchoModel(encoder=encoder, predictor=predictor, heads=heads,

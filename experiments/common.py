@@ -69,6 +69,10 @@ def base(variant: str | None) -> ml_collections.ConfigDict:
       # "auto": cuDNN's fused attention on GPUs with 16-bit compute (-14%
       # step time at batch 256 on an H200), XLA's elsewhere; "xla" | "cudnn".
       attention="auto",
+      # Storage dtype of the residual stream between a block's ops:
+      # "float32" | "compute" (the compute dtype; LayerNorm statistics and
+      # the residual adds still compute in float32).
+      residual_dtype="float32",
       rwse_heads=8, speaker_embed_dim=256,
       heads=())                  # Names in echo_jax/heads.py.
   # Terms by name (echo_jax/terms); a stage lists the ones it trains.

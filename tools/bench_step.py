@@ -248,6 +248,8 @@ def bench_step(config, batch_size: int, mesh, attention: str = "default"
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "compute_dtype": config.model.compute_dtype, "resolved_dtype": dtype,
       "remat": config.model.get("remat", "none"), "attention": attention,
+      "attention_impl": str(model.encoder.attention_impl),
+      "residual_dtype": jnp.dtype(model.encoder.residual_dtype).name,
       "encoder_params_M": param_count(state["params"]["encoder"]) / 1e6,
       "batch_size": batch_size, "tokens_per_example": model.num_tokens(n),
       "compile_s": compile_s, "step_time_s": step_time,
@@ -265,6 +267,8 @@ def bench_step(config, batch_size: int, mesh, attention: str = "default"
   }
   if profile is not None:
     row["profile_ms_by_kind"] = profile["by_kind"]
+    row.update({f"profile_{k}": profile[k]
+                for k in ("busy_ms", "span_ms", "kernels")})
     row["profile_top"] = profile["top"][:15]
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:

@@ -3,10 +3,11 @@
 Tokens are `patch_frames` consecutive log-mel frames x all mel bins, linearly
 embedded, plus a fixed 1-D sin-cos time position. Parameters are always
 float32; `dtype` is the compute dtype of the matmuls (bfloat16 on
-accelerators: 16-bit inputs and products, float32 accumulation;
-`precision.Linear`). The residual stream, LayerNorms, GELU, the attention
-softmax and every output stay float32 so bfloat16 compute does not drift the
-features. `remat` picks a rematerialisation policy per block
+accelerators: 16-bit inputs and layer outputs, float32 accumulation;
+`precision.Linear`). The residual stream (unless `residual_dtype` says
+otherwise), the arithmetic of LayerNorms, GELU and the attention softmax, and
+the encoder's `final` and the predictor's outputs stay float32 so bfloat16
+compute does not drift the features. `remat` picks a rematerialisation policy per block
 (`precision.REMAT_POLICIES`).
 
 Parameter names are stable (they become export names):
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_jax.models.precision import Dtype, Linear, remat_block
+from echo_jax.models.precision import Dtype, Linear, gelu_stored, remat_block
 
 
 def sincos_1d(num_positions: int, dim: int) -> np.ndarray:
@@ -54,6 +55,19 @@ def resolve_attention(name: str, dtype: Dtype) -> str | None:
   return name
 
 
+RESIDUAL_DTYPES = ("float32", "compute")
+
+
+def resolve_residual_dtype(name: str, dtype: Dtype) -> Dtype:
+  """`config.model.residual_dtype` -> the residual stream's storage dtype:
+  "float32", or "compute" (the compute dtype: bfloat16 halves the bytes the
+  memory-bound elementwise work moves at width 512)."""
+  if name not in RESIDUAL_DTYPES:
+    raise ValueError(f"config.model.residual_dtype={name!r}: one of "
+                     f"{RESIDUAL_DTYPES}.")
+  return jnp.float32 if name == "float32" else dtype
+
+
 def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
   """Per-example gather `x[b, idx[b, j]]`.
 
@@ -80,7 +94,7 @@ class Attention(nn.Module):
       raise ValueError(f"width {width} must be divisible by num_heads "
                        f"{self.num_heads}.")
     head_dim = width // self.num_heads
-    qkv = Linear(3 * width, self.dtype, name="qkv")(x).astype(self.dtype)
+    qkv = Linear(3 * width, self.dtype, name="qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     y = jax.nn.dot_product_attention(q, k, v,
@@ -90,32 +104,39 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Two-layer GELU MLP."""
+  """Two-layer GELU MLP; the hidden activations are stored in `dtype`."""
   hidden_dim: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    h = nn.gelu(Linear(self.hidden_dim, self.dtype, name="fc1")(x))
+    h = gelu_stored(Linear(self.hidden_dim, self.dtype, name="fc1")(x),
+                    self.dtype)
     return Linear(width, self.dtype, name="fc2")(h)
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block; residual stream and norms in float32."""
+  """Pre-LN transformer block; norms and residual adds compute in float32.
+
+  `residual_dtype` is what the residual stream is stored in between the
+  block's ops (float32, or the compute dtype to halve its memory traffic).
+  """
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  residual_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """`[batch, tokens, width]` float32 -> same."""
+    """`[batch, tokens, width]` -> same, in `residual_dtype`."""
+    stored = lambda y: y.astype(self.residual_dtype)
     h = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
-    x = x + Attention(self.num_heads, self.dtype, self.attention_impl,
-                      name="attn")(h)
+    x = stored(x + Attention(self.num_heads, self.dtype, self.attention_impl,
+                             name="attn")(h))
     h = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
-    return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(h)
+    return stored(x + Mlp(self.mlp_dim, self.dtype, name="mlp")(h))
 
 
 class Encoder(nn.Module):
@@ -130,6 +151,8 @@ class Encoder(nn.Module):
     remat: per-block rematerialisation policy, `none` | `full` | `dots`
       (`precision.REMAT_POLICIES`; True / False mean `full` / `none`).
     attention_impl: `jax.nn.dot_product_attention` implementation (None: XLA).
+    residual_dtype: storage dtype of the residual stream (`Block`); `hidden`
+      comes out in it, `final` is float32 regardless.
   """
   width: int = 512
   depth: int = 8
@@ -140,6 +163,7 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool | str = "none"
   attention_impl: str | None = None
+  residual_dtype: Dtype = jnp.float32
 
   def num_tokens(self, num_frames: int) -> int:
     """Tokens for `num_frames` mel frames (remainder frames are dropped)."""
@@ -158,9 +182,9 @@ class Encoder(nn.Module):
         before the gather, so each kept token keeps its true time position.
 
     Returns:
-      dict with `hidden`: `[depth, batch, tokens', width]` float32 output of
-      every block, and `final`: `[batch, tokens', width]` float32, the final
-      LayerNorm of the last block; `tokens'` is `keep` when `keep_idx` is given.
+      dict with `hidden`: `[depth, batch, tokens', width]` output of every
+      block (in `residual_dtype`), and `final`: `[batch, tokens', width]`
+      float32, the final LayerNorm of the last block; `tokens'` is `keep` when `keep_idx` is given.
     """
     batch, frames, n_mels = mel.shape
     if n_mels != self.n_mels:
@@ -182,7 +206,8 @@ class Encoder(nn.Module):
     block_cls = remat_block(Block, self.remat)
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_dim, self.dtype,
-                    self.attention_impl, name=f"blocks_{i}")(x)
+                    self.attention_impl, self.residual_dtype,
+                    name=f"blocks_{i}")(x)
       hidden.append(x)
     final = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
     return {"hidden": jnp.stack(hidden), "final": final}
@@ -198,6 +223,7 @@ class Predictor(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool | str = "none"
   attention_impl: str | None = None
+  residual_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, context: jax.Array, context_idx: jax.Array,
@@ -221,7 +247,9 @@ class Predictor(nn.Module):
     block_cls = remat_block(Block, self.remat)
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_dim, self.dtype,
-                    self.attention_impl, name=f"blocks_{i}")(x)
+                    self.attention_impl, self.residual_dtype,
+                    name=f"blocks_{i}")(x)
     # Only the target tokens are read out: norm and projection skip the rest.
     x = nn.LayerNorm(epsilon=1e-6, name="norm")(x[:, context.shape[1]:])
-    return Linear(self.out_dim, self.dtype, name="out_proj")(x)
+    return Linear(self.out_dim, self.dtype, name="out_proj")(x).astype(
+        jnp.float32)
