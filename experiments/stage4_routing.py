@@ -47,6 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       latent_weight=1.0, activity_weight=1.0, existence_weight=1.0,
       null_weight=0.1,                     # DETR's no-object weight.
       null_energy_weight=0.0,
+      # Matched slots nearer their own source than the others (0: off).
+      distinct_weight=0.0, distinct_temperature=0.1,
       aux_weight=1.0)                      # Earlier decoder layers' losses.
   c.total_steps = common.by_variant(v, canonical=50_000, cpu=800, smoke=6)
   c.optim.update(lr=5e-4,

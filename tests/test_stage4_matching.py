@@ -156,3 +156,25 @@ def test_token_activity():
   frames = jnp.array([[[0, 0, 1, 0, 0, 0, 0, 0, 1]]], jnp.float32)
   np.testing.assert_array_equal(routing.token_activity(frames, 4),
                                 [[[1.0, 0.0]]])
+
+
+def test_distinct_loss_hand_cases():
+  rng = np.random.default_rng(0)
+  targets = jnp.asarray(rng.standard_normal((1, 3, 5, 4)), jnp.float32)
+  two = jnp.array([[True, True, False]])
+  # Slots on their own sources: own MSE 0, other MSE d -> log(1 + e^(-d/tau)).
+  d = float(np.mean(np.square(targets[0, 0] - targets[0, 1])))
+  got = routing.distinct_loss(targets, targets, two, temperature=0.5)
+  assert float(got) == pytest.approx(np.log1p(np.exp(-d / 0.5)), rel=1e-5)
+  # Both slots at the mean of the two sources: equidistant, log 2.
+  mean = jnp.broadcast_to((targets[:, :1] + targets[:, 1:2]) / 2,
+                          targets.shape)
+  assert float(routing.distinct_loss(mean, targets, two, 0.5)) == (
+      pytest.approx(np.log(2.0), rel=1e-5))
+  # A mixture of one source has nothing to tell apart.
+  one = jnp.array([[True, False, False]])
+  assert float(routing.distinct_loss(mean, targets, one, 0.5)) == 0.0
+  # No source at all (noise-only mixtures): zero loss, finite gradient.
+  none = jnp.zeros((1, 3), bool)
+  grad = jax.grad(lambda m: routing.distinct_loss(m, targets, none, 0.5))(mean)
+  assert np.isfinite(np.asarray(grad)).all()

@@ -10,7 +10,16 @@ Per decoder layer (each layer is matched on its own, as in DETR):
                target includes its silences) + activity BCE + existence 1;
   null slots : existence 0 weighted `null_weight` (DETR's no-object weight),
                activity all 0, no latent loss (optionally a small energy
-               penalty `null_energy_weight` on the latent).
+               penalty `null_energy_weight` on the latent);
+  distinct   : (optional, `distinct_weight`) in mixtures of K >= 2, each
+               matched slot must be nearer its own source than the other
+               sources (cross-entropy over the present sources of
+               -MSE / `distinct_temperature`).
+
+Why `distinct`: with the latent MSE alone, a slot unsure of its source is
+pulled to the mean of the candidates, i.e. toward the mixture; measured on
+held-out K >= 2 mixtures, matched slots ended about a tenth as far apart as
+the sources they stand for, which caps PIT accuracy.
 """
 
 from __future__ import annotations
@@ -76,10 +85,36 @@ def matching_cost(latents: jax.Array, existence: jax.Array,
           + existence_weight * existence_cost)
 
 
+def distinct_loss(matched: jax.Array, targets: jax.Array, present: jax.Array,
+                  temperature: float) -> jax.Array:
+  """Mean over present sources of K >= 2 mixtures of
+  `-log softmax_j(-mse(matched_k, target_j) / temperature)[k]`, j over the
+  present sources; 0 when no mixture has two.
+
+  Args:
+    matched: `[B, K, T, C]` the slot matched to each source; targets:
+      `[B, K, T, C]`; present: `[B, K]` bool.
+  """
+  c, t = matched.shape[-1], matched.shape[-2]
+  sq_m = jnp.sum(jnp.square(matched), (-2, -1))                   # [B, K]
+  sq_t = jnp.sum(jnp.square(targets), (-2, -1))
+  cross = jnp.einsum("bktc,bjtc->bkj", matched, targets,
+                     precision=jax.lax.Precision.HIGHEST)
+  mse = (sq_m[:, :, None] + sq_t[:, None] - 2.0 * cross) / (t * c)  # [B,K,J]
+  # A large finite mask, not -inf: a K = 0 row must not give NaN gradients.
+  logits = jnp.where(present[:, None], -mse / temperature, -1e9)
+  log_p = jnp.diagonal(jax.nn.log_softmax(logits, -1), axis1=1, axis2=2)
+  rows = present & (jnp.sum(present, -1, keepdims=True) >= 2)
+  rows_f = rows.astype(jnp.float32)
+  return -jnp.sum(jnp.where(rows, log_p, 0.0)) / jnp.maximum(rows_f.sum(),
+                                                             1.0)
+
+
 def slot_losses(latents: jax.Array, existence: jax.Array, activity: jax.Array,
                 targets: jax.Array, target_activity: jax.Array,
                 present: jax.Array, slot_of_source: jax.Array, *,
-                null_weight: float = 0.1, null_energy_weight: float = 0.0
+                null_weight: float = 0.1, null_energy_weight: float = 0.0,
+                distinct_temperature: float = 0.1
                 ) -> dict[str, jax.Array]:
   """Losses of one layer's slots given the matching.
 
@@ -88,9 +123,10 @@ def slot_losses(latents: jax.Array, existence: jax.Array, activity: jax.Array,
       `matching_cost`.
     present: `[B, K]` bool; slot_of_source: `[B, K]` int (`matching.match`).
   Returns:
-    {latent, activity, existence, null_energy}: scalars. `latent` is the
-    MSE of matched slots vs their sources over the whole sequence, averaged
-    over present sources; null slots get no latent gradient.
+    {latent, activity, existence, null_energy, distinct}: scalars. `latent`
+    is the MSE of matched slots vs their sources over the whole sequence,
+    averaged over present sources; null slots get no latent gradient;
+    `distinct` is `distinct_loss` (unweighted).
   """
   num_slots = latents.shape[1]
   pairs = matching.matched_slots(slot_of_source, present, num_slots)  # [B,S,K]
@@ -113,14 +149,18 @@ def slot_losses(latents: jax.Array, existence: jax.Array, activity: jax.Array,
                                * latents.shape[3], 1.0))
   return {"latent": latent, "activity": activity_loss,
           "existence": existence_loss,
-          "null_energy": null_energy_weight * null_energy}
+          "null_energy": null_energy_weight * null_energy,
+          "distinct": distinct_loss(gathered, targets, present,
+                                    distinct_temperature)}
 
 
 def routing_loss(outputs: dict, targets: jax.Array,
                  target_activity: jax.Array, present: jax.Array, *,
                  latent_weight: float = 1.0, activity_weight: float = 1.0,
                  existence_weight: float = 1.0, null_weight: float = 0.1,
-                 null_energy_weight: float = 0.0, aux_weight: float = 1.0
+                 null_energy_weight: float = 0.0, aux_weight: float = 1.0,
+                 distinct_weight: float = 0.0,
+                 distinct_temperature: float = 0.1
                  ) -> tuple[jax.Array, dict]:
   """Loss over every decoder layer (auxiliary layers weighted `aux_weight`).
 
@@ -145,11 +185,13 @@ def routing_loss(outputs: dict, targets: jax.Array,
     slot_of = matching.match(cost, present)
     parts = slot_losses(lat, ex, act, targets, target_activity, present,
                         slot_of, null_weight=null_weight,
-                        null_energy_weight=null_energy_weight)
+                        null_energy_weight=null_energy_weight,
+                        distinct_temperature=distinct_temperature)
     layer_loss = (latent_weight * parts["latent"]
                   + activity_weight * parts["activity"]
                   + existence_weight * parts["existence"]
-                  + parts["null_energy"])
+                  + parts["null_energy"]
+                  + distinct_weight * parts["distinct"])
     w = 1.0 if layer == depth - 1 else aux_weight
     total += w * layer_loss
     norm += w
@@ -157,7 +199,7 @@ def routing_loss(outputs: dict, targets: jax.Array,
   count = jnp.sum(existence_probability(outputs["existence"][-1], null_weight)
                   > 0.5, -1)
   metrics = {"latent": parts["latent"], "activity": parts["activity"],
-             "existence": parts["existence"],
+             "existence": parts["existence"], "distinct": parts["distinct"],
              "count_accuracy": jnp.mean(count == present.sum(-1)),
              "latent_std": jnp.mean(jnp.std(jax.lax.stop_gradient(lat),
                                             axis=(1, 2)))}
