@@ -7,8 +7,8 @@ accelerators: 16-bit inputs and layer outputs, float32 accumulation;
 `precision.Linear`). The residual stream (unless `residual_dtype` says
 otherwise), the arithmetic of LayerNorms, GELU and the attention softmax, and
 the encoder's `final` and the predictor's outputs stay float32 so bfloat16
-compute does not drift the features. `remat` picks a rematerialisation policy per block
-(`precision.REMAT_POLICIES`).
+compute does not drift the features. `remat` picks a rematerialisation
+policy per block (`precision.REMAT_POLICIES`).
 
 Parameter names are stable (they become export names):
   Encoder:   patch_embed, norm,
@@ -184,7 +184,8 @@ class Encoder(nn.Module):
     Returns:
       dict with `hidden`: `[depth, batch, tokens', width]` output of every
       block (in `residual_dtype`), and `final`: `[batch, tokens', width]`
-      float32, the final LayerNorm of the last block; `tokens'` is `keep` when `keep_idx` is given.
+      float32, the final LayerNorm of the last block; `tokens'` is `keep`
+      when `keep_idx` is given.
     """
     batch, frames, n_mels = mel.shape
     if n_mels != self.n_mels:

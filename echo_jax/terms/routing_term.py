@@ -71,8 +71,8 @@ def loss(cfg, inputs: StepInputs, rng):
       latent_weight=cfg.latent_weight, activity_weight=cfg.activity_weight,
       existence_weight=cfg.existence_weight, null_weight=cfg.null_weight,
       null_energy_weight=cfg.null_energy_weight, aux_weight=cfg.aux_weight,
-      distinct_weight=cfg.get("distinct_weight", 0.0),
-      distinct_temperature=cfg.get("distinct_temperature", 0.1))
+      distinct_weight=cfg.distinct_weight,
+      distinct_temperature=cfg.distinct_temperature)
   metrics = {f"routing/{k}": v for k, v in metrics.items()}
   metrics["routing/loss"] = value
   metrics["routing/target_std"] = jepa.feature_std(targets)
