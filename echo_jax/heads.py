@@ -69,6 +69,14 @@ def _router(model_config) -> nn.Module:
                     residual_layers=r.get("residual_layers", 0))
 
 
+def _activity(model_config) -> nn.Module:
+  hidden = model_config.get("activity_hidden", 0)
+  if not hidden:  # Configs saved before the context head: a linear one.
+    return nn.Dense(1)
+  return heads_lib.ActivityHead(hidden=hidden,
+                                kernel=model_config.activity_kernel)
+
+
 HEADS: Mapping[str, HeadSpec] = {
     # Learned weighted sum of the encoder blocks: the features other heads read.
     "rwse": HeadSpec(
@@ -85,7 +93,8 @@ HEADS: Mapping[str, HeadSpec] = {
         init_inputs=lambda s: (jnp.zeros((1, s.speaker_dim)),
                                jnp.zeros((1,), jnp.int32))),
     # Per-token speech logit (blind diarization's speech activity).
-    "activity": HeadSpec(build=lambda m, info: nn.Dense(1), init_inputs=_frames),
+    "activity": HeadSpec(build=lambda m, info: _activity(m),
+                         init_inputs=_frames),
     # Frame-level content projection + anchor-GMM component logits (stage 3).
     "content": HeadSpec(
         build=lambda m, info: ContentHead(dim=m.content_dim,

@@ -74,6 +74,9 @@ def base(variant: str | None) -> ml_collections.ConfigDict:
       # the residual adds still compute in float32).
       residual_dtype="float32",
       rwse_heads=8, speaker_embed_dim=256,
+      # Speech-activity head: hidden width (0: one linear layer per token)
+      # and its temporal convolution in tokens (about 350 ms).
+      activity_hidden=128, activity_kernel=17,
       heads=())                  # Names in echo_jax/heads.py.
   # Terms by name (echo_jax/terms); a stage lists the ones it trains.
   c.objective = dict(
@@ -115,7 +118,7 @@ def base(variant: str | None) -> ml_collections.ConfigDict:
     c.total_steps = 2000
     c.log_every = 25
     c.data.update(batch_size=32, num_workers=0, clip_seconds=3.0)
-    c.model.update(compute_dtype="float32", rwse_heads=4)
+    c.model.update(compute_dtype="float32", rwse_heads=4, activity_kernel=9)
     c.model.encoder.update(width=192, depth=4, num_heads=4, mlp_dim=768,
                            patch_frames=4)     # 40 ms tokens: 4x fewer.
     c.model.predictor.update(width=96, depth=2, num_heads=4, mlp_dim=384)
@@ -134,7 +137,7 @@ def base(variant: str | None) -> ml_collections.ConfigDict:
                   clip_seconds=2.0)
     c.data.augment.update(num_rooms=2, bank_clips=2)  # Banks in milliseconds.
     c.model.update(compute_dtype="float32", rwse_heads=2,
-                   speaker_embed_dim=32)
+                   speaker_embed_dim=32, activity_hidden=16, activity_kernel=3)
     c.model.encoder.update(width=64, depth=2, num_heads=2, mlp_dim=128,
                            patch_frames=4)
     c.model.predictor.update(width=32, depth=1, num_heads=2, mlp_dim=64)

@@ -58,7 +58,12 @@ GOLDEN = {
     "heads.speaker.pooling.attention_logits.bias": [64],
     "heads.speaker.projection.kernel": [128, 32],
     "heads.speaker.projection.bias": [32],
-    "heads.activity.kernel": [64, 1], "heads.activity.bias": [1],
+    "heads.activity.norm.scale": [192], "heads.activity.norm.bias": [192],
+    "heads.activity.hidden.kernel": [192, 16],
+    "heads.activity.hidden.bias": [16],
+    "heads.activity.temporal.kernel": [3, 16, 16],
+    "heads.activity.temporal.bias": [16],
+    "heads.activity.logit.kernel": [16, 1], "heads.activity.logit.bias": [1],
     "heads.arcface.class_weights": [NUM_CLASSES, 32],
     "frontend.window_dft": [400, 514], "frontend.mel_filterbank": [80, 257],
 }

@@ -1,4 +1,5 @@
-"""Attentive statistics pooling and the speaker head (+ ArcFace training)."""
+"""Attentive statistics pooling, the speaker head (+ ArcFace training) and
+the speech-activity head."""
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +112,38 @@ def test_speaker_head_with_arcface_learns_toy_speakers():
   assert float(last["arcface/accuracy"]) == 1.0
   # The last loss already carries the full margin (harder) and is still lower.
   assert float(last["arcface/loss"]) < 0.1 * float(first["arcface/loss"])
+
+
+def test_activity_head_reads_neighbours_and_the_clip():
+  x = _features(4, (2, 20, 6))
+  head = heads.ActivityHead(hidden=8, kernel=3)
+  params = head.init(jax.random.key(0), x)
+  out = np.asarray(head.apply(params, x))
+  assert out.shape == (2, 20, 1) and np.isfinite(out).all()
+  # Token 10 changes its neighbours' logits (the kernel); token 0 reaches
+  # token 15, 15 tokens away, only through the clip statistics.
+  near = np.asarray(head.apply(params, x.at[:, 10].add(1.0)))
+  assert np.abs(near[:, 9] - out[:, 9]).max() > 1e-4
+  far = np.asarray(head.apply(params, x.at[:, 0].add(1.0)))
+  assert np.abs(far[:, 15] - out[:, 15]).max() > 1e-4
+  # The temporal kernel's reach: with the clip statistics of the changed
+  # input equal (two tokens swapped), tokens beyond it do not move.
+  swapped = x.at[:, 0].set(x[:, 1]).at[:, 1].set(x[:, 0])
+  moved = np.asarray(head.apply(params, swapped))
+  np.testing.assert_allclose(moved[:, 5:], out[:, 5:], atol=1e-5)
+  assert np.abs(moved[:, :2] - out[:, :2]).max() > 1e-4
+  # A constant clip (std 0) keeps finite gradients through the floor.
+  grad = jax.grad(lambda p: head.apply(p, jnp.ones((1, 20, 6))).sum())(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))
+
+
+def test_activity_head_config_keeps_old_checkpoints_linear():
+  import ml_collections
+  from echo_jax import heads as registry
+  old = ml_collections.ConfigDict({"heads": ("activity",)})
+  assert type(registry.build_heads(old, registry.BuildInfo())["activity"]) \
+      is __import__("flax").linen.Dense
+  new = ml_collections.ConfigDict({"heads": ("activity",),
+                                   "activity_hidden": 8, "activity_kernel": 5})
+  head = registry.build_heads(new, registry.BuildInfo())["activity"]
+  assert isinstance(head, heads.ActivityHead) and head.kernel == 5

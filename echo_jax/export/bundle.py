@@ -107,6 +107,12 @@ def head_config(loaded: Loaded, head: str) -> dict:
             "global_context": bool(pooling.global_context),
             "var_floor": float(pooling.var_floor),
             "layer_norm": bool(module.layer_norm), "layer_norm_epsilon": 1e-6}
+  if head == "activity":
+    module = loaded.model.heads["activity"]
+    if not isinstance(module, heads_lib.ActivityHead):
+      return {"hidden": 0}                  # One Dense per token.
+    return {"hidden": int(module.hidden), "kernel": int(module.kernel),
+            "var_floor": float(module.var_floor), "layer_norm_epsilon": 1e-6}
   if head == "arcface":
     return {"classes": int(loaded.params["heads"]["arcface"]["class_weights"]
                            .shape[0]), "output": "cosine similarities"}

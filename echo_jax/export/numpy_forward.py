@@ -148,6 +148,30 @@ def speaker(config: dict, tensors: dict, features: np.ndarray) -> np.ndarray:
   return embedding
 
 
+def activity(config: dict, tensors: dict, features: np.ndarray) -> np.ndarray:
+  """Speech logits `[batch, tokens, 1]`: one Dense per token (`hidden` 0),
+  or [h_t; mean; std over the clip] -> LayerNorm -> Dense -> GELU, plus a
+  residual GELU(temporal convolution, zero-padded to keep the length),
+  -> Dense."""
+  cfg, name = config["heads"].get("activity", {}), "heads.activity"
+  if not cfg.get("hidden"):
+    return dense(features, tensors, name)
+  uniform = np.full(features.shape[:2] + (1,), 1.0 / features.shape[1])
+  context = np.concatenate(_mean_std(features, uniform, cfg["var_floor"]), -1)
+  x = np.concatenate([features, np.broadcast_to(
+      context[:, None], features.shape[:2] + context.shape[-1:])], -1)
+  h = gelu_tanh(dense(layer_norm(x, tensors, f"{name}.norm",
+                                 cfg["layer_norm_epsilon"]),
+                      tensors, f"{name}.hidden"))
+  kernel = _f64(tensors, f"{name}.temporal.kernel")   # [taps, in, out].
+  taps, tokens = kernel.shape[0], h.shape[1]
+  left = (taps - 1) // 2
+  padded = np.pad(h, ((0, 0), (left, taps - 1 - left), (0, 0)))
+  conv = sum(padded[:, j:j + tokens] @ kernel[j] for j in range(taps))
+  h = h + gelu_tanh(conv + _f64(tensors, f"{name}.temporal.bias"))
+  return dense(h, tensors, f"{name}.logit")
+
+
 def arcface_cosines(tensors: dict, embedding: np.ndarray) -> np.ndarray:
   """Cosine of each speaker embedding with each training speaker's centre:
   `[batch, speaker_dim]` -> `[batch, classes]`."""
@@ -169,7 +193,7 @@ def forward(config: dict, tensors: dict, waveform: np.ndarray) -> dict:
   if "speaker" in heads:
     out["speaker"] = speaker(config, tensors, out["rwse"])
   if "activity" in heads:
-    out["activity"] = dense(out["rwse"], tensors, "heads.activity")
+    out["activity"] = activity(config, tensors, out["rwse"])
   if "arcface" in heads:
     out["arcface"] = arcface_cosines(tensors, out["speaker"])
   return out
