@@ -97,8 +97,11 @@ HEADS: Mapping[str, HeadSpec] = {
                          init_inputs=_frames),
     # Frame-level content projection + anchor-GMM component logits (stage 3).
     "content": HeadSpec(
-        build=lambda m, info: ContentHead(dim=m.content_dim,
-                                          num_components=m.content_components),
+        build=lambda m, info: ContentHead(
+            dim=m.content_dim, num_components=m.content_components,
+            # Configs saved before the speaker adversary lack the key.
+            adversary_classes=(info.num_classes
+                               if m.get("content_adversary", False) else 0)),
         init_inputs=_frames),
     # Routing slots (stage 4): per slot a latent sequence, existence, activity.
     "router": HeadSpec(build=lambda m, info: _router(m),

@@ -9,7 +9,9 @@ predictor, EMA target and the rwse / speaker / arcface / activity heads):
 The anchor GMM is fitted on the first step if its file is missing (beside the
 manifest, keyed by its settings; or `tools/fit_anchor_gmm.py` beforehand).
 Ablations: `--config.objective.content.perturb.prob=0`,
-`--config.objective.content.cross_cov_weight=0`.
+`--config.objective.content.cross_cov_weight=0`. The speaker adversary:
+`--config.objective.content.adversary_weight=1`
+`--config.model.content_adversary=True`.
 """
 
 import ml_collections
@@ -34,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # S-JEPA uses 100 components; "a few hundred" at pod scale.
   c.model.content_components = common.by_variant(v, canonical=256, cpu=128,
                                                  smoke=16)
+  c.model.content_adversary = False        # Speaker classifier (see below).
   c.objective.jepa.weight = 0.5            # Earlier skills stay on:
   c.objective.crop.weight = 0.5            # stage 1's terms,
   c.objective.speaker = dict(              # stage 2's ArcFace (its head is
@@ -48,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Speaker-perturbed input (ContentVec); prob 0 turns it off.
       perturb=dict(prob=0.8, max_semitones=4.0, equalizer_db=6.0),
       cross_cov_weight=5.0,                # 0 turns the penalty off.
+      # Speaker classifier on the pooled content projection and a confusion
+      # loss against it (needs model.content_adversary); 0 turns it off.
+      adversary_weight=0.0,
       anchor=dict(
           path="",                         # "" = beside the manifest.
           manifest=c.data.get_ref("manifest"),

@@ -83,9 +83,13 @@ def test_stage3_from_a_stage1_checkpoint_fails_naming_the_tree(runs,
     trainer.train(config, str(tmp_path / "stage3"))
 
 
-def test_no_content_gradient_reaches_the_speaker_branch(tmp_path):
+@pytest.mark.parametrize("adversary", [False, True])
+def test_no_content_gradient_reaches_the_speaker_branch(tmp_path, adversary):
   config = stage3_content.get_config("smoke")
   cfg = config.objective.content
+  with config.unlocked():
+    config.model.content_adversary = adversary
+    cfg.adversary_weight = 1.0 if adversary else 0.0
   settings = anchors.AnchorSettings.from_config(cfg.anchor)
   rng = np.random.default_rng(0)
   path = str(tmp_path / "gmm.npz")
@@ -98,7 +102,8 @@ def test_no_content_gradient_reaches_the_speaker_branch(tmp_path):
   params = model.init(jax.random.PRNGKey(0), n)
   sources = jnp.asarray(0.1 * rng.normal(size=(4, config.data.k_max, n)),
                         jnp.float32)
-  batch = {"mixture": sources.sum(1), "clean": sources.sum(1)}
+  batch = {"mixture": sources.sum(1), "clean": sources.sum(1),
+           "speakers": jnp.array([[0], [1], [2], [3]], jnp.int32)}
 
   def content_loss(p):
     inputs = StepInputs(model, p, p["encoder"], batch, jnp.int32(0))
@@ -111,5 +116,55 @@ def test_no_content_gradient_reaches_the_speaker_branch(tmp_path):
   for tree in (grads["encoder"], grads["heads"]["content"],
                grads["heads"]["rwse"]):
     assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(tree)) > 0
+  if adversary:
+    assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(
+        grads["heads"]["content"]["adversary"])) > 0
   # The speaker branch still trains through its own term.
   assert "content" in losses.active_terms(config.objective)
+
+
+def test_speaker_adversary_gradients_stay_on_their_side():
+  from echo_jax.models.content_head import ContentHead
+
+  class Model:  # The two things the loss reads of a model.
+    heads = {"content": ContentHead(dim=3, num_components=2,
+                                    adversary_classes=4)}
+
+    def apply_head(self, name, params, *args, **kwargs):
+      return self.heads[name].apply({"params": params["heads"][name]}, *args,
+                                    **kwargs)
+
+  model = Model()
+  head = model.heads["content"].init(jax.random.PRNGKey(0),
+                                     jnp.ones((1, 5, 6)))["params"]
+  params = {"heads": {"content": head}}
+  pooled = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)),
+                       jnp.float32)
+  labels = jnp.array([1, 3])
+  loss = lambda p, x: content_term.speaker_adversary_loss(  # noqa: E731
+      model, p, x, labels)
+  # Hand case: a zero classifier gives the uniform posterior, where both
+  # parts equal log 4 and the confusion part has no gradient.
+  zero = jax.tree.map(jnp.zeros_like, params)
+  value, metrics = loss(zero, pooled)
+  np.testing.assert_allclose(metrics["content/adversary_ce"], np.log(4),
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["content/confusion"], np.log(4),
+                             rtol=1e-6)
+  np.testing.assert_allclose(value, 2 * np.log(4), rtol=1e-6)
+  # Classifier CE moves the classifier only; the confusion moves the pooled
+  # projection only (and pushes it toward a uniform posterior).
+  (g_params, g_pooled), _ = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+      params, pooled)
+  np.testing.assert_array_equal(g_params["heads"]["content"]["projection"]
+                                ["kernel"], 0.0)
+  assert float(jnp.abs(g_params["heads"]["content"]["adversary"]["kernel"])
+               .sum()) > 0
+  conf = lambda x: content_term.speaker_adversary_loss(  # noqa: E731
+      model, params, x, labels)[1]["content/confusion"]
+  np.testing.assert_allclose(
+      g_pooled, jax.grad(conf)(pooled), rtol=1e-5, atol=1e-7)
+  # Without the classifier the term says what to set.
+  model.heads["content"] = ContentHead(dim=3, num_components=2)
+  with pytest.raises(ValueError, match="content_adversary=True"):
+    loss(params, pooled)

@@ -14,6 +14,15 @@ the pooled content projection of the clean clip. The speaker projection is
 behind a stop-gradient and the content term never applies the ArcFace head,
 so no gradient of this term reaches the speaker or ArcFace heads.
 
+Speaker adversary: with `adversary_weight`, a speaker classifier over the
+pooled content projection (`ContentHead.speaker_logits`, train speakers)
+learns from the projection behind a stop-gradient, while the projection
+learns to leave that classifier's posterior uniform (the "domain confusion"
+loss of Tzeng et al. 2015, steadier than a reversed gradient), the
+classifier's weights behind a stop-gradient. The correlation penalty only
+removes what is linear in the speaker projection; the adversary removes what
+any linear read-out of the pooled projection finds.
+
 The GMM (`echo_jax.anchors`) is read by a host callback (the file, fitted
 first if missing, then cached in memory), so tracing the step, e.g. under
 `jax.eval_shape`, never needs the corpus.
@@ -25,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from echo_jax import anchors, audio, masking, perturb
 from echo_jax.objectives import content as content_lib
@@ -64,6 +74,30 @@ def token_targets(model, anchor_cfg, clean_log_mel: jax.Array,
       anchors.token_targets(log_post, model.patch_frames, num_tokens))
 
 
+def speaker_adversary_loss(model, params: dict, pooled: jax.Array,
+                           labels: jax.Array) -> tuple[jax.Array, dict]:
+  """Classifier cross-entropy on the frozen pooled projection [B, D] plus the
+  confusion loss (cross-entropy to the uniform posterior) through the frozen
+  classifier; each part's gradient reaches only its own side."""
+  if not getattr(model.heads["content"], "adversary_classes", 0):
+    raise ValueError("objective.content.adversary_weight > 0 needs the "
+                     "content head's speaker classifier: set "
+                     "config.model.content_adversary=True.")
+  logits = model.apply_head("content", params, jax.lax.stop_gradient(pooled),
+                            method="speaker_logits")
+  classifier = optax.softmax_cross_entropy_with_integer_labels(
+      logits, labels).mean()
+  frozen = {**params, "heads": {
+      **params["heads"],
+      "content": jax.lax.stop_gradient(params["heads"]["content"])}}
+  log_q = jax.nn.log_softmax(model.apply_head(
+      "content", frozen, pooled, method="speaker_logits"), -1)
+  confusion = -jnp.mean(log_q)
+  return classifier + confusion, {
+      "content/adversary_ce": classifier, "content/confusion": confusion,
+      "content/adversary_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
 def loss(cfg, inputs: StepInputs, rng):
   model, params = inputs.model, inputs.params
   mask_rng, perturb_rng = jax.random.split(rng)
@@ -98,17 +132,24 @@ def loss(cfg, inputs: StepInputs, rng):
       "content/target_entropy": target_entropy,
       "content/top1": jnp.sum(agree) / jnp.sum(masked)})
   total = ce
+  if cfg.cross_cov_weight or cfg.adversary_weight:
+    projection, _ = model.apply_head("content", params, inputs.features)
   if cfg.cross_cov_weight:
     speaker = jax.lax.stop_gradient(
         model.apply_head("speaker", params, inputs.features))
-    projection, _ = model.apply_head("content", params, inputs.features)
     xcorr = content_lib.cross_correlation_penalty(speaker,
                                                   projection.mean(1))
     metrics["content/xcorr"] = xcorr
     total = total + cfg.cross_cov_weight * xcorr
+  if cfg.adversary_weight:
+    adversary, adversary_metrics = speaker_adversary_loss(
+        model, params, projection.mean(1), inputs.batch["speakers"][:, 0])
+    metrics.update(adversary_metrics)
+    total = total + cfg.adversary_weight * adversary
   metrics["content/loss"] = total
   return total, metrics
 
 
 TERM = Term(loss=loss, heads=("rwse", "content"),
-            batch_keys=("mixture", "clean"))
+            batch_keys=lambda cfg: ("mixture", "clean") + (
+                ("speakers",) if cfg.adversary_weight else ()))
