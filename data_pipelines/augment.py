@@ -126,10 +126,19 @@ class AugmentConfig:
 
 
 def power(x: np.ndarray, mask: np.ndarray | None = None) -> float:
-  """Mean square of `x` (over the samples where `mask`, when given)."""
-  if mask is not None:
-    x = x[mask]
-  return float(np.dot(x, x)) / x.size if x.size else 0.0
+  """Mean square of `x` (over the samples where `mask`, when given). A mask
+  of `len(x) // HOP` entries is per activity frame (> 0: counted)."""
+  if mask is None or mask.size == x.size:
+    if mask is not None:
+      x = x[mask]
+    return float(np.dot(x, x)) / x.size if x.size else 0.0
+  if x.size != mask.size * framing.HOP:
+    raise ValueError(f"A mask of {mask.size} entries fits neither the "
+                     f"{x.size} samples nor their frames.")
+  # Sums of per-frame energies: no masked copy of the samples.
+  count = np.count_nonzero(mask) * framing.HOP
+  return float(frame_energy(x, mask.size)[mask > 0].sum()) / count if (
+      count) else 0.0
 
 
 def frame_mask(activity: np.ndarray, num_samples: int) -> np.ndarray:
@@ -148,14 +157,14 @@ def scale_noise(speech: np.ndarray, noise: np.ndarray, snr_db: float,
   if p_speech == 0.0 or p_noise == 0.0:
     return np.zeros_like(speech)
   g = np.sqrt(p_speech / (p_noise * 10.0 ** (snr_db / 10.0)))
-  return (np.float32(g) * noise).astype(np.float32)
+  return (np.float32(g) * noise).astype(np.float32, copy=False)
 
 
 def add_noise(speech: np.ndarray, noise: np.ndarray, snr_db: float,
               speech_mask: np.ndarray | None = None) -> np.ndarray:
   """`speech + g * noise` at `snr_db` (see `scale_noise`)."""
   return (speech + scale_noise(speech, noise, snr_db, speech_mask)
-          ).astype(np.float32)
+          ).astype(np.float32, copy=False)
 
 
 def frame_energy(wave: np.ndarray, num_frames: int) -> np.ndarray:
@@ -179,41 +188,74 @@ def audible_activity(activity: np.ndarray, sources: np.ndarray,
   `min_local_snr_db` under `noise` (same frame) set to 0."""
   f = activity.shape[-1]
   noise_e = frame_energy(noise, f) * 10.0 ** (min_local_snr_db / 10.0)
-  active = np.flatnonzero(activity.any(axis=-1))  # Absent slots stay 0.
   out = np.zeros_like(activity)
-  out[active] = activity[active] * (frame_energy(sources[active], f)
-                                    >= noise_e)
+  for s in np.flatnonzero(activity.any(axis=-1)):  # Absent slots stay 0.
+    out[s] = activity[s] * (frame_energy(sources[s], f) >= noise_e)
   return out
+
+
+def block_fft_len(rir_len: int) -> int:
+  """FFT length of `convolve`'s overlap-add blocks for an RIR: a power of
+  two >= 2 x the RIR (so a block's tail spills into the next block only),
+  and >= 16384, which measured fastest for RIRs of 0.2-0.5 s (FFTs of
+  48k+ points run out of cache and cost 3x the 16k points per sample)."""
+  return max(16384, 1 << (2 * rir_len - 1).bit_length())
+
+
+def rir_spectrum(rir: np.ndarray) -> np.ndarray:
+  """`rfft` of `rir` at `block_fft_len` (what `convolve` multiplies by)."""
+  return scipy.fft.rfft(rir.astype(np.float32, copy=False),
+                        block_fft_len(len(rir)))
 
 
 def convolve(source: np.ndarray, rir: np.ndarray,
-             span: tuple[int, int] | None = None) -> np.ndarray:
+             span: tuple[int, int] | None = None,
+             spectrum: np.ndarray | None = None) -> np.ndarray:
   """`source` through `rir` (direct path at lag 0), cut to the source length.
   Only `span` [a, b), the source's non-zero samples (found when not given),
-  is transformed: sources are mostly silence and the FFT is the cost."""
-  out = np.zeros_like(source)
+  is transformed: sources are mostly silence and the FFT is the cost. The
+  span is cut into blocks, all transformed in one call, and overlap-added;
+  `spectrum` (`rir_spectrum(rir)`, cached by the caller) saves an FFT."""
+  n = len(source)
   if span is None:
     nz = np.flatnonzero(source)
     if not nz.size:
-      return out
+      return np.zeros_like(source)
     span = (nz[0], nz[-1] + 1)
   a, b = span
   if b <= a:
-    return out
-  end = min(len(source), b + len(rir) - 1)
-  n = scipy.fft.next_fast_len(b - a + len(rir) - 1, real=True)
-  wet = scipy.fft.irfft(scipy.fft.rfft(source[a:b], n) * scipy.fft.rfft(rir, n),
-                        n)
-  out[a:end] = wet[:end - a]
-  return out
+    return np.zeros_like(source)
+  taps, m = len(rir), b - a
+  nfft = block_fft_len(taps)
+  step = nfft - taps + 1          # Block length; its tail is taps - 1 long.
+  blocks, full = -(-m // step), m // step
+  # The FFT transforms rows in SIMD groups of 4: 2 or 3 rows cost more than
+  # 4 (measured), so such a count is padded with rows of zeros.
+  x = np.zeros((blocks + (-blocks % 4 if blocks % 4 > 1 else 0), nfft),
+               np.float32)
+  x[:full, :step] = source[a:a + full * step].reshape(full, step)
+  x[full:blocks, :m - full * step] = source[a + full * step:b]
+  if spectrum is None:
+    spectrum = rir_spectrum(rir)
+  spec = scipy.fft.rfft(x, axis=-1)
+  spec *= spectrum
+  wet = scipy.fft.irfft(spec, nfft, axis=-1)
+  # Overlap-add: block i lands at a + i * step, its tail on block i + 1.
+  out = np.zeros(max(n, a + (blocks + 1) * step), source.dtype)
+  out[a:a + blocks * step].reshape(blocks, step)[:] = wet[:blocks, :step]
+  out[a + step:a + (blocks + 1) * step].reshape(blocks, step)[
+      :, :taps - 1] += wet[:blocks, step:]
+  out[b + taps - 1:] = 0.0        # FFT rounding past the tail's end.
+  return out[:n]
 
 
 def reverberate(source: np.ndarray, rir: np.ndarray,
                 mask: np.ndarray | None = None,
-                span: tuple[int, int] | None = None) -> np.ndarray:
+                span: tuple[int, int] | None = None,
+                spectrum: np.ndarray | None = None) -> np.ndarray:
   """`convolve`, rescaled to the dry source's power over `mask` (the level
   design of the stream stays: each source's gain is still the drawn one)."""
-  wet = convolve(source, rir, span)
+  wet = convolve(source, rir, span, spectrum)
   p_dry, p_wet = power(source, mask), power(wet, mask)
   if p_wet > 0:
     wet *= np.float32(np.sqrt(p_dry / p_wet))
@@ -226,26 +268,35 @@ def _butter(order: int, cutoff, btype: str = "lowpass") -> np.ndarray:
   return scipy.signal.butter(order, cutoff, btype, fs=SR, output="sos")
 
 
+def mu_law(x: np.ndarray, peak: float, mu: float = 255.0,
+           levels: int = 127) -> np.ndarray:
+  """`x` (|x| <= peak) through an 8-bit mu-law (G.711) coder and back: the
+  magnitude's code is rounded to `levels` steps and read from a table."""
+  scale = levels / np.log1p(mu)   # A Python float: keeps x's precision.
+  code = np.rint(np.log1p(np.abs(x) * (mu / peak)) * scale)
+  table = np.expm1(np.arange(levels + 1) / scale) * (peak / mu)
+  return np.copysign(table.astype(x.dtype)[code.astype(np.intp)], x)
+
+
 def telephone(x: np.ndarray) -> np.ndarray:
   """Narrowband channel: 300-3400 Hz band-pass, 8 kHz round trip (decimate,
   then hold each sample twice: the imaging is what a cheap upsampler leaves),
   and 8-bit mu-law (G.711) quantisation."""
   band = _butter(4, (300, 3400), "bandpass")
+  # float64 before the quantiser (as fast here: the recursion is the cost),
+  # so that float32 rounding flips no code; float32 after it.
   narrow = scipy.signal.sosfilt(band, x)[::2]
   peak = max(float(np.max(np.abs(narrow))), 1e-9)
-  mu = 255.0
-  y = np.sign(narrow) * np.log1p(mu * np.abs(narrow) / peak) / np.log1p(mu)
-  y = np.round(y * 127.0) / 127.0
-  narrow = np.sign(y) * np.expm1(np.abs(y) * np.log1p(mu)) / mu * peak
   # Back at 16 kHz through the same band-pass, which removes the images.
-  wide = np.repeat(narrow, 2)[:len(x)]
-  return scipy.signal.sosfilt(band, wide).astype(np.float32)
+  wide = np.repeat(mu_law(narrow, peak).astype(np.float32), 2)[:len(x)]
+  return scipy.signal.sosfilt(band.astype(np.float32), wide)
 
 
 def lowpass(x: np.ndarray, cutoff_hz: float) -> np.ndarray:
   """4th-order Butterworth low-pass (cutoff rounded to 100 Hz: cached)."""
-  sos = _butter(4, float(round(cutoff_hz, -2)))
-  return scipy.signal.sosfilt(sos, x).astype(np.float32)
+  sos = _butter(4, float(round(cutoff_hz, -2))).astype(np.float32)
+  # float32 sections: the clip is filtered in float32, without copies.
+  return scipy.signal.sosfilt(sos, x.astype(np.float32, copy=False))
 
 
 def _peaking(f0: float, gain_db: float, q: float) -> np.ndarray:
@@ -265,10 +316,17 @@ def equalise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   peak = _peaking(rng.uniform(150, 6000), rng.uniform(-10, 10),
                   rng.uniform(0.5, 2.0))
   tilt = rng.uniform(-0.6, 0.6)       # x[n] - tilt x[n-1], normalised.
-  y = scipy.signal.sosfilt(peak[None], x)
-  # The tilt is a 2-tap FIR: one vector op, not a second IIR section.
-  y[1:] -= tilt * y[:-1].copy()
-  return (y / (1 + abs(tilt))).astype(np.float32)
+  b, a = eq_coefficients(peak, tilt)
+  return scipy.signal.lfilter(b, a, x.astype(np.float32, copy=False))
+
+
+def eq_coefficients(peak: np.ndarray, tilt: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """float32 (b, a) of the peaking biquad `peak` (SOS row) followed by the
+  tilt FIR [1, -tilt] / (1 + |tilt|): the FIR folds into the numerator, so
+  the equaliser is one pass of one filter."""
+  b = np.convolve(peak[:3], (1.0, -tilt)) / (1 + abs(tilt))
+  return b.astype(np.float32), peak[3:].astype(np.float32)
 
 
 def coloured_noise(rng: np.random.Generator, n: int,
@@ -433,6 +491,21 @@ class Banks:
   rooms: list[list[np.ndarray]]              # Room -> RIRs of its positions.
   noise: dict[str, list[np.ndarray]]         # Kind -> clips.
   speech: list[np.ndarray] | None = None     # Utterances babble is made of.
+  # (room, position) -> `rir_spectrum`, filled as RIRs are used; not pickled
+  # (each worker fills its own: shipping them would cost more than the FFTs).
+  spectra: dict[tuple[int, int], np.ndarray] = dataclasses.field(
+      default_factory=dict, repr=False, compare=False)
+
+  def __getstate__(self):
+    return {**self.__dict__, "spectra": {}}
+
+  def rir(self, room: int, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """An RIR of the bank and its (cached) `rir_spectrum`."""
+    rir = self.rooms[room][position]
+    key = (room, position)
+    if key not in self.spectra:
+      self.spectra[key] = rir_spectrum(rir)
+    return rir, self.spectra[key]
 
   @classmethod
   def build(cls, cfg: AugmentConfig,
@@ -503,17 +576,16 @@ def augment_example(ex: dict[str, np.ndarray], cfg: AugmentConfig,
   mixture, sources, activity = ex["mixture"], ex["sources"], ex["activity"]
   n = len(mixture)
   k = int(ex["num_speakers"])
-  ex["clean"] = mixture.copy()
-  speech_mask = frame_mask(activity, n)
+  # Every step below makes a new mixture array: the dry one needs no copy.
+  ex["clean"] = mixture
 
   if k and rng.random() < cfg.p_reverb:
-    room = banks.rooms[int(rng.integers(len(banks.rooms)))]
-    picks = rng.permutation(len(room))
+    room = int(rng.integers(len(banks.rooms)))
+    picks = rng.permutation(len(banks.rooms[room]))
     for slot in range(k):
-      rir = room[picks[slot % len(room)]]
-      sources[slot] = reverberate(sources[slot], rir,
-                                  frame_mask(activity[slot], n),
-                                  tuple(ex["segments"][slot]))
+      rir, spectrum = banks.rir(room, int(picks[slot % len(picks)]))
+      sources[slot] = reverberate(sources[slot], rir, activity[slot],
+                                  tuple(ex["segments"][slot]), spectrum)
     mixture = sources[:k].sum(axis=0)
 
   quiet_kinds = [kind for kind in cfg.kinds if kind != "babble"]
@@ -522,11 +594,12 @@ def augment_example(ex: dict[str, np.ndarray], cfg: AugmentConfig,
     noise = banks.training_clip(kind, n, rng, noise_only=True)
     level = 10.0 ** (rng.uniform(*cfg.noise_only_level_db) / 20.0)
     mixture = (np.float32(level / np.sqrt(max(power(noise), 1e-20)))
-               * noise).astype(np.float32)
+               * noise).astype(np.float32, copy=False)
   elif k and rng.random() < cfg.p_noise:
     kind = cfg.kinds[int(rng.integers(len(cfg.kinds)))]
+    # A per-frame mask: `power` sums frame energies, no masked copies.
     noise = scale_noise(mixture, banks.training_clip(kind, n, rng),
-                        rng.uniform(*cfg.snr_db), speech_mask)
+                        rng.uniform(*cfg.snr_db), activity.max(axis=0))
     mixture = mixture + noise
     ex["activity"] = audible_activity(activity, sources, noise,
                                       cfg.min_local_snr_db)
@@ -542,7 +615,7 @@ def augment_example(ex: dict[str, np.ndarray], cfg: AugmentConfig,
   peak = max(float(mixture.max()), -float(mixture.min())) if n else 0.0
   if peak > 0.99:
     mixture *= np.float32(0.99 / peak)
-  ex["mixture"] = mixture.astype(np.float32)
+  ex["mixture"] = mixture.astype(np.float32, copy=False)
   ex.pop("noise_only", None)
   ex.pop("segments", None)
 

@@ -254,3 +254,68 @@ def test_user_noise_and_rir_folders(tmp_path):
   assert len(banks.noise["files"]) == 2
   assert len(banks.rooms) == 1 and len(banks.rooms[0]) == 3
   assert all(np.argmax(np.abs(r)) == 0 for r in banks.rooms[0])
+
+
+def test_folded_equaliser_is_the_biquad_then_the_tilt():
+  # The tilt FIR folded into the biquad's numerator (one float32 pass) is
+  # the two-stage float64 filter it replaced, up to float32 rounding.
+  x = np.random.default_rng(0).standard_normal(SR).astype(np.float32)
+  for f0, gain_db, q, tilt in [(150, 10, 2.0, 0.6), (3000, -10, 0.5, -0.6),
+                               (1000, 3, 1.0, 0.0)]:
+    peak = augment._peaking(f0, gain_db, q)
+    two_stage = scipy.signal.sosfilt(peak[None], x)
+    two_stage[1:] -= tilt * two_stage[:-1].copy()
+    two_stage /= 1 + abs(tilt)
+    b, a = augment.eq_coefficients(peak, tilt)
+    y = scipy.signal.lfilter(b, a, x)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, two_stage,
+                               atol=2e-5 * np.abs(two_stage).max())
+
+
+@pytest.mark.parametrize("length", [1, 700, 9000, 20000, 31000, 52000, 64000])
+def test_block_convolution_is_the_linear_convolution(length):
+  rng = np.random.default_rng(length)
+  rir = rng.standard_normal(6000).astype(np.float32) * np.exp(
+      -np.arange(6000) / 800).astype(np.float32)
+  n, onset = 64000, int(rng.integers(64000 - length + 1))
+  source = np.zeros(n, np.float32)
+  source[onset:onset + length] = rng.standard_normal(length)
+  want = np.convolve(source.astype(np.float64), rir)[:n]
+  for got in (augment.convolve(source, rir),
+              augment.convolve(source, rir, (onset, onset + length),
+                               augment.rir_spectrum(rir))):
+    assert got.dtype == np.float32 and got.shape == (n,)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+    assert not got[:onset].any() and not got[onset + length + 5999:].any()
+
+
+def test_frame_mask_power_is_the_sample_mask_power():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(50 * framing.HOP).astype(np.float32)
+  frames = (rng.random(50) < 0.4).astype(np.float32)
+  by_sample = augment.power(x, augment.frame_mask(frames, len(x)))
+  assert augment.power(x, frames) == pytest.approx(by_sample, rel=1e-5)
+  assert augment.power(x, np.zeros(50, np.float32)) == 0.0
+  with pytest.raises(ValueError, match="frames"):
+    augment.power(x, frames[:-1])
+
+
+def test_mu_law_table_is_the_companding_formula():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, 4000) ** 3
+  peak, mu = np.abs(x).max(), 255.0
+  y = np.sign(x) * np.log1p(mu * np.abs(x) / peak) / np.log1p(mu)
+  y = np.round(y * 127.0) / 127.0
+  want = np.sign(y) * np.expm1(np.abs(y) * np.log1p(mu)) / mu * peak
+  np.testing.assert_allclose(augment.mu_law(x, peak), want, rtol=1e-12,
+                             atol=1e-15)
+
+
+def test_cached_rir_spectra_stay_in_their_process():
+  import pickle
+  banks = augment.Banks.build(SMALL, speech=[np.ones(SR, np.float32)])
+  rir, spectrum = banks.rir(0, 1)
+  assert rir is banks.rooms[0][1] and banks.spectra
+  np.testing.assert_array_equal(spectrum, augment.rir_spectrum(rir))
+  assert not pickle.loads(pickle.dumps(banks)).spectra
