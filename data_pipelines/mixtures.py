@@ -34,6 +34,7 @@ examples may then hold noise only. Without it, `clean` reads as `mixture`.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -51,6 +52,27 @@ from data_pipelines import storage
 
 # Utterances shorter than this hold no usable frame; dropped when indexing.
 MIN_UTTERANCE_SAMPLES = 1600
+
+# glibc `mallopt` parameters (malloc.h).
+_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3
+
+
+def keep_heap_pad(nbytes: int = 64 << 20) -> None:
+  """Asks glibc's malloc to keep `nbytes` of freed heap rather than return it,
+  and to serve arrays of up to 32 MB (a batch) from the heap, not from mmap.
+
+  An example allocates and frees tens of arrays of 0.1-1 MB. By default the
+  heap is trimmed after the frees (or the array unmapped) and grown again by
+  the next example, and the page faults of that regrowth cost a quarter of an
+  augmented example's CPU time (measured: ~410 -> ~500 mixtures per
+  CPU-second). Process-wide; a no-op where the C library has no `mallopt`.
+  """
+  try:
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_TOP_PAD, nbytes)
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+  except (OSError, AttributeError):
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,12 +339,17 @@ class MixtureTransform(grain.transforms.RandomMap):
                augment: augment_lib.AugmentConfig | None = None):
     self.store, self.index, self.cfg = store, index, cfg
     self.skips: collections.Counter = collections.Counter()
+    keep_heap_pad()
     self.augment = augment if augment is not None and augment.enabled else None
     self.banks = None
     if self.augment is not None:
       speech = (babble_speech(store, index, seed=self.augment.bank_seed)
                 if "babble" in self.augment.kinds else None)
       self.banks = augment_lib.Banks.build(self.augment, speech)
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    keep_heap_pad()       # In each worker process the transform is sent to.
 
   def random_map(self, element: int, rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
