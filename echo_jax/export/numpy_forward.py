@@ -128,16 +128,21 @@ def _mean_std(x: np.ndarray, weights: np.ndarray, floor: float):
   return mean, np.sqrt(np.maximum(var, floor))
 
 
+def _with_clip_context(x: np.ndarray, floor: float) -> np.ndarray:
+  """`[x_t; mean; std]` per token, the statistics uniform over the clip."""
+  uniform = np.full(x.shape[:2] + (1,), 1.0 / x.shape[1])
+  context = np.concatenate(_mean_std(x, uniform, floor), -1)
+  return np.concatenate(
+      [x, np.broadcast_to(context[:, None], x.shape[:2] + context.shape[-1:])],
+      -1)
+
+
 def speaker(config: dict, tensors: dict, features: np.ndarray) -> np.ndarray:
   """Attentive statistics pooling (channel-wise, global context) -> Dense:
   `[batch, tokens, width]` -> `[batch, speaker_dim]` (not normalised)."""
   cfg = config["heads"]["speaker"]
   floor, name = cfg["var_floor"], "heads.speaker"
-  uniform = np.full(features.shape[:2] + (1,), 1.0 / features.shape[1])
-  mean, std = _mean_std(features, uniform, floor)
-  context = np.broadcast_to(np.concatenate([mean, std], -1)[:, None],
-                            features.shape[:2] + (2 * features.shape[-1],))
-  h = np.tanh(dense(np.concatenate([features, context], -1), tensors,
+  h = np.tanh(dense(_with_clip_context(features, floor), tensors,
                     f"{name}.pooling.attention_hidden"))
   alpha = softmax(dense(h, tensors, f"{name}.pooling.attention_logits"), 1)
   pooled = np.concatenate(_mean_std(features, alpha, floor), -1)
@@ -156,10 +161,7 @@ def activity(config: dict, tensors: dict, features: np.ndarray) -> np.ndarray:
   cfg, name = config["heads"].get("activity", {}), "heads.activity"
   if not cfg.get("hidden"):
     return dense(features, tensors, name)
-  uniform = np.full(features.shape[:2] + (1,), 1.0 / features.shape[1])
-  context = np.concatenate(_mean_std(features, uniform, cfg["var_floor"]), -1)
-  x = np.concatenate([features, np.broadcast_to(
-      context[:, None], features.shape[:2] + context.shape[-1:])], -1)
+  x = _with_clip_context(features, cfg["var_floor"])
   h = gelu_tanh(dense(layer_norm(x, tensors, f"{name}.norm",
                                  cfg["layer_norm_epsilon"]),
                       tensors, f"{name}.hidden"))

@@ -51,6 +51,17 @@ def weighted_mean_std(x: jax.Array, weights: jax.Array,
   return mean, jnp.sqrt(jnp.maximum(var, var_floor))
 
 
+def with_clip_context(x: jax.Array, weights: jax.Array,
+                      var_floor: float) -> jax.Array:
+  """[x_t; mean; std] per frame: each frame beside the clip's statistics
+  under `weights` (as in `weighted_mean_std`) -> [batch, time, 3 * width]."""
+  mean, std = weighted_mean_std(x, weights, var_floor)
+  context = jnp.concatenate([mean, std], axis=-1)[:, None, :]
+  return jnp.concatenate(
+      [x, jnp.broadcast_to(context, x.shape[:2] + context.shape[-1:])],
+      axis=-1)
+
+
 class AttentiveStatsPooling(nn.Module):
   """ECAPA-TDNN attentive statistics pooling (channel-wise, global context).
 
@@ -79,12 +90,8 @@ class AttentiveStatsPooling(nn.Module):
 
     attention_in = x
     if self.global_context:
-      mean, std = weighted_mean_std(x, frame_weights / num_frames,
-                                    self.var_floor)
-      context = jnp.concatenate([mean, std], axis=-1)[:, None, :]
-      attention_in = jnp.concatenate(
-          [x, jnp.broadcast_to(context, x.shape[:2] + context.shape[-1:])],
-          axis=-1)
+      attention_in = with_clip_context(x, frame_weights / num_frames,
+                                       self.var_floor)
     hidden = jnp.tanh(nn.Dense(self.attention_dim, name="attention_hidden")(
         attention_in))
     logits = nn.Dense(x.shape[-1], name="attention_logits")(hidden)
@@ -145,10 +152,7 @@ class ActivityHead(nn.Module):
     """[batch, time, width] -> [batch, time, 1] speech logits (float32)."""
     x = features.astype(jnp.float32)
     uniform = jnp.full(x.shape[:2] + (1,), 1.0 / x.shape[1], jnp.float32)
-    mean, std = weighted_mean_std(x, uniform, self.var_floor)
-    context = jnp.concatenate([mean, std], -1)[:, None, :]
-    x = jnp.concatenate(
-        [x, jnp.broadcast_to(context, x.shape[:2] + context.shape[-1:])], -1)
+    x = with_clip_context(x, uniform, self.var_floor)
     h = nn.gelu(nn.Dense(self.hidden, name="hidden")(
         nn.LayerNorm(name="norm")(x)))
     h = h + nn.gelu(nn.Conv(self.hidden, (self.kernel,), padding="SAME",

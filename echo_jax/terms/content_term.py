@@ -134,16 +134,16 @@ def loss(cfg, inputs: StepInputs, rng):
   total = ce
   if cfg.cross_cov_weight or cfg.adversary_weight:
     projection, _ = model.apply_head("content", params, inputs.features)
+    pooled = projection.mean(1)
   if cfg.cross_cov_weight:
     speaker = jax.lax.stop_gradient(
         model.apply_head("speaker", params, inputs.features))
-    xcorr = content_lib.cross_correlation_penalty(speaker,
-                                                  projection.mean(1))
+    xcorr = content_lib.cross_correlation_penalty(speaker, pooled)
     metrics["content/xcorr"] = xcorr
     total = total + cfg.cross_cov_weight * xcorr
   if cfg.adversary_weight:
     adversary, adversary_metrics = speaker_adversary_loss(
-        model, params, projection.mean(1), inputs.batch["speakers"][:, 0])
+        model, params, pooled, inputs.batch["speakers"][:, 0])
     metrics.update(adversary_metrics)
     total = total + cfg.adversary_weight * adversary
   metrics["content/loss"] = total
