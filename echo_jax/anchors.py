@@ -7,7 +7,11 @@ Features (`AnchorSettings.kind`):
           coefficients, plus deltas and delta-deltas (regression over +-2
           frames, edge padded): 3 * n_mfcc dims (39 for the default 13);
   logmel  the log-mel itself (`n_mels` dims).
-Both are standardised with the fit's global mean / std (stored with the GMM).
+With `normalize="utterance"` each clip's features are first mean- and
+variance-normalised over its own speech frames (CMVN, as ASR front ends do):
+a clip's average spectral envelope is mostly its speaker and channel, so
+without it the GMM's components split speakers as much as sounds. Both are
+then standardised with the fit's global mean / std (stored with the GMM).
 
 The same `frame_features` runs on the host in NumPy (fit, from librosa's
 log-mel) and on the accelerator in JAX (the jitted step, from `audio.log_mel`),
@@ -23,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +42,11 @@ from data_pipelines import storage
 
 LOG_EPS = 1e-6  # As echo_jax.audio.LOG_EPS.
 KINDS = ("mfcc", "logmel")
+NORMALIZE = ("none", "utterance")
+# CMVN statistics come from frames within this range of the clip's loudest
+# (35 dB of mean log-mel power, the stream's activity rule), so padding and
+# digital silence do not set them.
+SPEECH_RANGE_NATS = 3.5 * np.log(10.0)
 _log = logging.getLogger(__name__)
 
 
@@ -44,6 +54,7 @@ _log = logging.getLogger(__name__)
 class AnchorSettings:
   """What the GMM is fitted on and how (also the key of its default file)."""
   kind: str = "mfcc"
+  normalize: str = "none"    # "utterance": per-clip CMVN (module doc).
   n_mels: int = 80
   n_mfcc: int = 13
   num_components: int = 128
@@ -58,13 +69,19 @@ class AnchorSettings:
     if self.kind not in KINDS:
       raise ValueError(f"Anchor feature kind {self.kind!r} is unknown; "
                        f"choose from {KINDS}.")
+    if self.normalize not in NORMALIZE:
+      raise ValueError(f"Anchor normalize={self.normalize!r} is unknown; "
+                       f"choose from {NORMALIZE}.")
 
   @property
   def dim(self) -> int:
     return 3 * self.n_mfcc if self.kind == "mfcc" else self.n_mels
 
   def key(self) -> str:
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    fields = dataclasses.asdict(self)
+    if fields["normalize"] == "none":   # Files fitted before the field
+      del fields["normalize"]           # existed keep their name.
+    blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:10]
 
   @classmethod
@@ -110,12 +127,30 @@ def _deltas(x, xp):
 
 def frame_features(log_mel, settings: AnchorSettings, xp=jnp):
   """Raw (unstandardised) features `[..., frames, dim]` of natural-log mel
-  `[..., frames, n_mels]`; `xp` is `jnp` (in the step) or `np` (the fit)."""
+  `[..., frames, n_mels]`, one clip per leading index (the span CMVN
+  normalises over); `xp` is `jnp` (in the step) or `np` (the fit)."""
   if settings.kind == "logmel":
-    return log_mel
-  c = log_mel @ _dct_matrix(settings.n_mels, settings.n_mfcc)
-  d = _deltas(c, xp)
-  return xp.concatenate([c, d, _deltas(d, xp)], axis=-1)
+    feats = log_mel
+  else:
+    c = log_mel @ _dct_matrix(settings.n_mels, settings.n_mfcc)
+    d = _deltas(c, xp)
+    feats = xp.concatenate([c, d, _deltas(d, xp)], axis=-1)
+  if settings.normalize == "utterance":
+    feats = speech_cmvn(feats, log_mel, xp)
+  return feats
+
+
+def speech_cmvn(feats, log_mel, xp=jnp, eps: float = 1e-3):
+  """`feats [..., F, D]` minus their mean, over their std, both taken over the
+  clip's speech frames: those whose mean log-mel is within
+  `SPEECH_RANGE_NATS` of the clip's loudest frame."""
+  loudness = log_mel.mean(-1)                                    # [..., F]
+  speech = loudness > loudness.max(-1, keepdims=True) - SPEECH_RANGE_NATS
+  w = speech.astype(feats.dtype)[..., None]
+  count = w.sum(-2, keepdims=True)                               # >= 1
+  mean = (feats * w).sum(-2, keepdims=True) / count
+  var = (xp.square(feats - mean) * w).sum(-2, keepdims=True) / count
+  return (feats - mean) / xp.sqrt(var + eps)
 
 
 def host_log_mel(wave: np.ndarray, n_mels: int) -> np.ndarray:
@@ -209,11 +244,20 @@ def from_sklearn(gm: sk_mixture.GaussianMixture, feature_mean: np.ndarray,
 
 
 def save(gmm: Gmm, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, settings=json.dumps(dataclasses.asdict(gmm.settings)),
-           **gmm.arrays())
-  os.replace(tmp, path)
+  """Writes `path` atomically. The temporary name is unique, so runs that
+  fit the same missing anchor at once (an ablation launched side by side)
+  each replace it whole rather than write into one file together."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".npz", prefix=".gmm.", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, settings=json.dumps(dataclasses.asdict(gmm.settings)),
+               **gmm.arrays())
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
 
 
 def load(path: str, expected: AnchorSettings | None = None) -> Gmm:

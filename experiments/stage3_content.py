@@ -51,6 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Speaker-perturbed input (ContentVec); prob 0 turns it off.
       perturb=dict(prob=0.8, max_semitones=4.0, equalizer_db=6.0),
       cross_cov_weight=5.0,                # 0 turns the penalty off.
+      # Perturbed-view projection agrees with the clean one (cosine).
+      invariance_weight=0.0,
       # Speaker classifier on the pooled content projection and a confusion
       # loss against it (needs model.content_adversary); 0 turns it off.
       adversary_weight=0.0,
@@ -59,6 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           manifest=c.data.get_ref("manifest"),
           corpus_size=c.data.get_ref("corpus_size"),
           kind="mfcc", n_mels=c.model.get_ref("n_mels"), n_mfcc=13,
+          # Per-clip CMVN over speech frames: on train speakers the pooled
+          # posteriors name speakers less (77% vs 82% top-1) and phones
+          # better (linear 36.6% vs 32.6%) than without.
+          normalize="utterance",
           num_components=c.model.get_ref("content_components"),
           var_floor=1e-3,
           max_frames=common.by_variant(v, canonical=200_000, cpu=60_000,

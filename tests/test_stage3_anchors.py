@@ -1,6 +1,10 @@
 """Stage-3 anchor GMM: the JAX posteriors equal scikit-learn's, the host and
 device features agree, the .npz keeps its settings."""
 
+import dataclasses
+import hashlib
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,3 +96,67 @@ def test_fit_tool_writes_the_gmm_with_the_configs_settings(tmp_path):
   gmm = anchors.load(out)
   assert gmm.settings.max_iter == 3 and gmm.settings.num_components == 16
   assert gmm.means.shape == (16, 39)
+
+
+CMVN = anchors.AnchorSettings(kind="mfcc", normalize="utterance", n_mfcc=4,
+                              num_components=5)
+
+
+def test_utterance_cmvn_normalises_over_speech_frames_only():
+  rng = np.random.default_rng(2)
+  speech = (0.1 * rng.normal(size=16000)).astype(np.float32)
+  # Digital silence around the clip must not move the statistics.
+  padded = np.concatenate([np.zeros(8000, np.float32), speech,
+                           np.zeros(8000, np.float32)])
+  log_mel = anchors.host_log_mel(padded, 80)
+  feats = anchors.frame_features(log_mel, CMVN, xp=np)
+  raw = anchors.frame_features(log_mel, SETTINGS, xp=np)
+  loud = log_mel.mean(-1)
+  speech_frames = loud > loud.max() - anchors.SPEECH_RANGE_NATS
+  assert 90 <= speech_frames.sum() <= 104     # The 1 s of noise, not the pad.
+  np.testing.assert_allclose(feats[speech_frames].mean(0), 0.0, atol=1e-4)
+  # Hand check of one dim against its definition.
+  col = raw[speech_frames, 1]
+  np.testing.assert_allclose(
+      feats[:, 1], (raw[:, 1] - col.mean()) / np.sqrt(col.var() + 1e-3),
+      rtol=1e-4, atol=1e-4)
+  # A channel gain (a constant on the log-mel) leaves them unchanged.
+  np.testing.assert_allclose(
+      anchors.frame_features(log_mel + 1.5, CMVN, xp=np), feats, atol=1e-3)
+
+
+def test_utterance_cmvn_host_and_device_agree_per_clip():
+  rng = np.random.default_rng(3)
+  waves = (rng.uniform(0.01, 0.3, (2, 1)) * rng.normal(size=(2, 16000))
+           ).astype(np.float32)
+  device = np.asarray(anchors.frame_features(audio.log_mel(jnp.asarray(waves)),
+                                             CMVN))
+  for wave, dev in zip(waves, device):   # Each clip its own statistics.
+    host = anchors.frame_features(anchors.host_log_mel(wave, 80), CMVN, xp=np)
+    np.testing.assert_allclose(dev, host, atol=5e-3)
+
+
+def test_normalize_is_checked_and_none_keeps_the_old_file_name():
+  with pytest.raises(ValueError, match="normalize"):
+    anchors.AnchorSettings(normalize="speaker")
+  assert CMVN.key() != dataclasses.replace(CMVN, normalize="none").key()
+  # The key of a "none" anchor is the hash it had before the field existed.
+  fields = dataclasses.asdict(SETTINGS)
+  del fields["normalize"]
+  blob = json.dumps(fields, sort_keys=True).encode()
+  assert SETTINGS.key() == hashlib.sha1(blob).hexdigest()[:10]
+
+
+def test_save_leaves_no_temporary_and_concurrent_saves_stay_loadable(
+    tmp_path):
+  import threading
+  gmm = anchors.fit(_clustered(), SETTINGS)
+  path = str(tmp_path / "gmm.npz")
+  threads = [threading.Thread(target=anchors.save, args=(gmm, path))
+             for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  np.testing.assert_array_equal(anchors.load(path, SETTINGS).means, gmm.means)
+  assert [p.name for p in tmp_path.iterdir()] == ["gmm.npz"]
