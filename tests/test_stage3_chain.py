@@ -83,13 +83,15 @@ def test_stage3_from_a_stage1_checkpoint_fails_naming_the_tree(runs,
     trainer.train(config, str(tmp_path / "stage3"))
 
 
-@pytest.mark.parametrize("adversary", [False, True])
-def test_no_content_gradient_reaches_the_speaker_branch(tmp_path, adversary):
+@pytest.mark.parametrize("extra", ["", "adversary", "invariance"])
+def test_no_content_gradient_reaches_the_speaker_branch(tmp_path, extra):
   config = stage3_content.get_config("smoke")
   cfg = config.objective.content
+  adversary = extra == "adversary"
   with config.unlocked():
     config.model.content_adversary = adversary
     cfg.adversary_weight = 1.0 if adversary else 0.0
+    cfg.invariance_weight = 1.0 if extra == "invariance" else 0.0
   settings = anchors.AnchorSettings.from_config(cfg.anchor)
   rng = np.random.default_rng(0)
   path = str(tmp_path / "gmm.npz")

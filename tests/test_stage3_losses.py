@@ -1,5 +1,5 @@
 """Stage-3 losses and the speaker perturbation: soft cross-entropy by hand and
-at its minimum, the cross-correlation penalty, and the mel-axis warp (identity
+at its minimum, the cross-correlation penalty, the invariance loss, and the mel-axis warp (identity
 at zero shift, measured pitch / formant shift otherwise)."""
 
 import jax
@@ -48,6 +48,22 @@ def test_cross_correlation_penalty():
   # b = 5 a[:, :1] (any scale): one pair fully correlated, of 3 x 1 pairs.
   np.testing.assert_allclose(
       content.cross_correlation_penalty(a, 5.0 * a[:, :1]), 1 / 3, atol=2e-3)
+
+
+def test_invariance_loss_hand_cases_and_stop_gradient():
+  a = jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+  np.testing.assert_allclose(content.invariance_loss(a, 5.0 * a), 0.0,
+                             atol=1e-6)                  # Same directions.
+  b = jnp.array([[0.0, 1.0], [-1.0, 0.0], [-1.0, -1.0]])
+  # Orthogonal, orthogonal, opposite: (1 + 1 + 2) / 3; weights pick rows.
+  np.testing.assert_allclose(content.invariance_loss(a, b), 4 / 3, rtol=1e-6)
+  np.testing.assert_allclose(
+      content.invariance_loss(a, b, jnp.array([0.0, 0.0, 1.0])), 2.0,
+      rtol=1e-6)
+  grad_anchor = jax.grad(lambda y: content.invariance_loss(a, y))(b)
+  np.testing.assert_array_equal(grad_anchor, 0.0)
+  assert float(jnp.abs(jax.grad(
+      lambda x: content.invariance_loss(x, b))(a)).sum()) > 0
 
 
 def _voice(f0: float, formants=(500.0, 1500.0, 2500.0), seconds=0.5):

@@ -48,3 +48,23 @@ def cross_correlation_penalty(a: jax.Array, b: jax.Array,
     return x / jnp.sqrt(jnp.mean(x * x, 0) + eps)
   corr = standardise(a).T @ standardise(b) / a.shape[0]
   return jnp.mean(corr * corr)
+
+
+def invariance_loss(view: jax.Array, anchor: jax.Array,
+                    weights: jax.Array | None = None) -> jax.Array:
+  """Mean over positions of 1 - cos(view, anchor), the anchor behind a
+  stop-gradient: 0 when the two agree in direction, 1 when orthogonal.
+
+  Args:
+    view: [..., D] (e.g. the content projection of a speaker-perturbed copy).
+    anchor: [..., D] the same positions of the unperturbed copy.
+    weights: [...] position weights; None = all 1.
+  """
+  def unit(x):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+  cos = jnp.sum(unit(view) * unit(jax.lax.stop_gradient(anchor)), -1)
+  if weights is None:
+    return jnp.mean(1.0 - cos)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum((1.0 - cos) * weights) / jnp.maximum(jnp.sum(weights), 1.0)

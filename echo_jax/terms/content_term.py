@@ -14,6 +14,13 @@ the pooled content projection of the clean clip. The speaker projection is
 behind a stop-gradient and the content term never applies the ArcFace head,
 so no gradient of this term reaches the speaker or ArcFace heads.
 
+Perturbation invariance: `invariance_weight` asks the content projection of
+the perturbed, masked copy to point where the unperturbed clip's projection
+points, at the unmasked tokens (cosine, the unperturbed side behind a
+stop-gradient), as ContentVec's invariance loss does: predicting the clean
+copy's targets alone lets the projection keep the shift, so long as the
+classifier undoes it.
+
 Speaker adversary: with `adversary_weight`, a speaker classifier over the
 pooled content projection (`ContentHead.speaker_logits`, train speakers)
 learns from the projection behind a stop-gradient, while the projection
@@ -123,7 +130,7 @@ def loss(cfg, inputs: StepInputs, rng):
                          ((0, 0), (0, mel.shape[1] - frame_masked.shape[1])))
   mel = jnp.where(frame_masked[..., None], 0.0, mel)
   feats, _ = model.features(params, params["encoder"], mel)
-  _, logits = model.apply_head("content", params, feats)
+  view_projection, logits = model.apply_head("content", params, feats)
   ce = content_lib.soft_cross_entropy(targets, logits, masked)
   target_entropy = content_lib.entropy(targets, masked)
   agree = (jnp.argmax(logits, -1) == jnp.argmax(targets, -1)) & masked
@@ -132,9 +139,14 @@ def loss(cfg, inputs: StepInputs, rng):
       "content/target_entropy": target_entropy,
       "content/top1": jnp.sum(agree) / jnp.sum(masked)})
   total = ce
-  if cfg.cross_cov_weight or cfg.adversary_weight:
+  if cfg.cross_cov_weight or cfg.adversary_weight or cfg.invariance_weight:
     projection, _ = model.apply_head("content", params, inputs.features)
     pooled = projection.mean(1)
+  if cfg.invariance_weight:
+    invariance = content_lib.invariance_loss(view_projection, projection,
+                                             ~masked)
+    metrics["content/invariance"] = invariance
+    total = total + cfg.invariance_weight * invariance
   if cfg.cross_cov_weight:
     speaker = jax.lax.stop_gradient(
         model.apply_head("speaker", params, inputs.features))
