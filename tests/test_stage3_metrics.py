@@ -100,3 +100,34 @@ def test_summary_line_names_gap_and_per():
       random_phone_linear=0.2, content_per=0.6, random_per=0.95))
   assert "gap +61.2 points" in line and "PER 60.0%" in line
   assert "random encoder 95.0%" in line
+  with_ceiling = content_eval.summary_line("stage3_content", dict(
+      gap_points=61.25, speaker_top1=0.9, content_top1=0.2875,
+      gap_ceiling_points=63.5, content_phone_linear=0.5,
+      speaker_phone_linear=0.1, content_per=0.6))
+  assert "+63.5 with the true phones as content" in with_ceiling
+
+
+def test_phone_histograms_hand_case():
+  labels = np.array([[0, 0, 2, -1, 1],     # 2/4, 1/4, 1/4.
+                     [-1, -1, -1, -1, -1],  # No labels: zeros.
+                     [3, 3, 3, 3, 3]])
+  np.testing.assert_allclose(phone_probe.phone_histograms(labels, 4), [
+      [0.5, 0.25, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def test_gap_ceiling_is_near_chance_when_texts_are_shared():
+  """Speakers reading one shared pool of texts: true phone frequencies name
+  them at about chance, so the ceiling is about the speaker side's top-1; if
+  each speaker reads their own texts, the ceiling falls."""
+  rng = np.random.default_rng(0)
+  speakers = np.repeat(np.arange(10), 8)
+  speaker_emb = np.eye(10)[speakers] + 0.01 * rng.normal(size=(80, 10))
+  texts = rng.integers(0, 20, (40, 30))        # 40 sentences of 30 tokens.
+  shared = texts[rng.integers(0, 40, 80)]
+  own = texts[speakers * 4 + rng.integers(0, 4, 80)]
+  gap_shared = speaker_metrics.factorisation_gap(
+      speaker_emb, phone_probe.phone_histograms(shared, 20), speakers)
+  gap_own = speaker_metrics.factorisation_gap(
+      speaker_emb, phone_probe.phone_histograms(own, 20), speakers)
+  assert gap_shared["content_top1"] <= 0.3 and gap_shared["gap_points"] >= 70
+  assert gap_own["content_top1"] > gap_shared["content_top1"] + 0.3

@@ -173,6 +173,12 @@ class ContentEvaluator:
     gap = speaker_metrics.factorisation_gap(
         pooled_speaker, pooled_content, held["speaker_ids"], seed=self.seed)
     results.update({f"{self.name}/{k}": v for k, v in gap.items()})
+    ceiling = speaker_metrics.factorisation_gap(
+        pooled_speaker,
+        phone_probe.phone_histograms(held["labels"], self.num_phones),
+        held["speaker_ids"], seed=self.seed)
+    results[f"{self.name}/phone_histogram_top1"] = ceiling["content_top1"]
+    results[f"{self.name}/gap_ceiling_points"] = ceiling["gap_points"]
     if self.random_floor:
       results.update(self.random_floor)
     return results
@@ -182,9 +188,12 @@ def summary_line(stage: str, results: dict) -> str:
   """One console line of a content evaluation ({metric: value} without the
   evaluator's name prefix)."""
   r = results
+  ceiling = (f"; {r['gap_ceiling_points']:+.1f} with the true phones as "
+             "content" if "gap_ceiling_points" in r else "")
   return (f"{stage}: factorisation gap {r['gap_points']:+.1f} points (held-out "
           f"speaker top-1 {100 * r['speaker_top1']:.1f}% speaker projection, "
-          f"{100 * r['content_top1']:.1f}% content projection); phoneme frame "
+          f"{100 * r['content_top1']:.1f}% content projection{ceiling}); "
+          f"phoneme frame "
           f"accuracy (linear) content {100 * r['content_phone_linear']:.1f}%, "
           f"speaker {100 * r['speaker_phone_linear']:.1f}%, random encoder "
           f"{100 * r.get('random_phone_linear', float('nan')):.1f}%; PER "

@@ -69,6 +69,20 @@ def token_labels(alignment: str, inventory: phonemes_lib.PhonemeInventory,
   return np.where((labels >= 0) & inside, labels, -1).astype(np.int32)
 
 
+def phone_histograms(labels: np.ndarray, num_phones: int) -> np.ndarray:
+  """Token labels `[utts, tokens]` (< 0: none) -> each utterance's phone
+  frequencies `[utts, num_phones]` (rows sum to 1, or 0 without labels).
+
+  Pooled, a perfectly phonetic content projection could be no more than this:
+  what speaker-ID finds in it is the text (and language) each speaker read.
+  """
+  labels = np.asarray(labels)
+  out = np.zeros((len(labels), num_phones), np.float64)
+  rows, cols = np.nonzero(labels >= 0)
+  np.add.at(out, (rows, labels[rows, cols]), 1.0)
+  return out / np.maximum(out.sum(1, keepdims=True), 1.0)
+
+
 def phone_sequence(alignment: str, inventory: phonemes_lib.PhonemeInventory,
                    seconds: float) -> list[int]:
   """Phone ids (silence and unknown left out) whose centre is in the first
