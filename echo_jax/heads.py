@@ -101,8 +101,9 @@ HEADS: Mapping[str, HeadSpec] = {
             dim=m.content_dim, num_components=m.content_components,
             # Configs saved before the speaker adversary lack the key.
             adversary_classes=(info.num_classes
-                               if m.get("content_adversary", False) else 0)),
-        init_inputs=_frames),
+                               if m.get("content_adversary", False) else 0),
+            speaker_conditioned=m.get("content_speaker_conditioned", False)),
+        init_inputs=lambda s: _frames(s) + (jnp.zeros((1, s.speaker_dim)),)),
     # Routing slots (stage 4): per slot a latent sequence, existence, activity.
     "router": HeadSpec(build=lambda m, info: _router(m),
                        init_inputs=lambda s: _frames(s) * 2),  # + base.

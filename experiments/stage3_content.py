@@ -37,6 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.content_components = common.by_variant(v, canonical=256, cpu=128,
                                                  smoke=16)
   c.model.content_adversary = False        # Speaker classifier (see below).
+  # The component classifier also reads the speaker projection (ContentVec).
+  c.model.content_speaker_conditioned = False
   c.objective.jepa.weight = 0.5            # Earlier skills stay on:
   c.objective.crop.weight = 0.5            # stage 1's terms,
   c.objective.speaker = dict(              # stage 2's ArcFace (its head is

@@ -83,13 +83,15 @@ def test_stage3_from_a_stage1_checkpoint_fails_naming_the_tree(runs,
     trainer.train(config, str(tmp_path / "stage3"))
 
 
-@pytest.mark.parametrize("extra", ["", "adversary", "invariance"])
+@pytest.mark.parametrize("extra",
+                         ["", "adversary", "invariance", "conditioned"])
 def test_no_content_gradient_reaches_the_speaker_branch(tmp_path, extra):
   config = stage3_content.get_config("smoke")
   cfg = config.objective.content
   adversary = extra == "adversary"
   with config.unlocked():
     config.model.content_adversary = adversary
+    config.model.content_speaker_conditioned = extra == "conditioned"
     cfg.adversary_weight = 1.0 if adversary else 0.0
     cfg.invariance_weight = 1.0 if extra == "invariance" else 0.0
   settings = anchors.AnchorSettings.from_config(cfg.anchor)
@@ -121,6 +123,9 @@ def test_no_content_gradient_reaches_the_speaker_branch(tmp_path, extra):
   if adversary:
     assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(
         grads["heads"]["content"]["adversary"])) > 0
+  if extra == "conditioned":   # The classifier learns to read the speaker.
+    assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(
+        grads["heads"]["content"]["speaker_input"])) > 0
   # The speaker branch still trains through its own term.
   assert "content" in losses.active_terms(config.objective)
 
@@ -170,3 +175,24 @@ def test_speaker_adversary_gradients_stay_on_their_side():
   model.heads["content"] = ContentHead(dim=3, num_components=2)
   with pytest.raises(ValueError, match="content_adversary=True"):
     loss(params, pooled)
+
+
+def test_speaker_conditioned_head_reads_the_speaker_only_in_its_logits():
+  from echo_jax.models.content_head import ContentHead
+  head = ContentHead(dim=8, num_components=5, speaker_conditioned=True)
+  rng = np.random.default_rng(0)
+  feats = jnp.asarray(rng.normal(size=(2, 7, 12)), jnp.float32)
+  spk_a = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+  params = head.init(jax.random.PRNGKey(0), feats, spk_a)
+  proj_a, logits_a = head.apply(params, feats, spk_a)
+  proj_b, logits_b = head.apply(params, feats, -spk_a)
+  np.testing.assert_array_equal(proj_a, proj_b)
+  assert float(jnp.abs(logits_a - logits_b).max()) > 1e-3
+  np.testing.assert_array_equal(
+      head.apply(params, feats, method="project"), proj_a)
+  with pytest.raises(ValueError, match="speaker embedding"):
+    head.apply(params, feats)
+  # Off: the tree is the unconditioned head's, whatever init was given.
+  plain = ContentHead(dim=8, num_components=5).init(
+      jax.random.PRNGKey(0), feats, spk_a)
+  assert "speaker_input" not in plain["params"]

@@ -35,8 +35,7 @@ from echo_jax.model import EchoModel
 
 def _content_frames(model: EchoModel, params, waves):
   feats, _ = model.features(params, params["encoder"], model.log_mel(waves))
-  projection, _ = model.apply_head("content", params, feats)
-  return projection
+  return model.apply_head("content", params, feats, method="project")
 
 
 def _speaker_frames(model: EchoModel, params, waves):

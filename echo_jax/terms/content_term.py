@@ -21,6 +21,11 @@ stop-gradient), as ContentVec's invariance loss does: predicting the clean
 copy's targets alone lets the projection keep the shift, so long as the
 classifier undoes it.
 
+Speaker-conditioned prediction: with `model.content_speaker_conditioned`
+the component classifier also reads the clip's (stop-gradient) speaker
+projection, so the speaker-dependent part of the acoustic targets need not
+pass through the content projection (ContentVec).
+
 Speaker adversary: with `adversary_weight`, a speaker classifier over the
 pooled content projection (`ContentHead.speaker_logits`, train speakers)
 learns from the projection behind a stop-gradient, while the projection
@@ -130,7 +135,13 @@ def loss(cfg, inputs: StepInputs, rng):
                          ((0, 0), (0, mel.shape[1] - frame_masked.shape[1])))
   mel = jnp.where(frame_masked[..., None], 0.0, mel)
   feats, _ = model.features(params, params["encoder"], mel)
-  view_projection, logits = model.apply_head("content", params, feats)
+  conditioned = getattr(model.heads["content"], "speaker_conditioned", False)
+  speaker = None
+  if cfg.cross_cov_weight or conditioned:  # Never trained by this term.
+    speaker = jax.lax.stop_gradient(
+        model.apply_head("speaker", params, inputs.features))
+  view_projection, logits = model.apply_head(
+      "content", params, feats, speaker if conditioned else None)
   ce = content_lib.soft_cross_entropy(targets, logits, masked)
   target_entropy = content_lib.entropy(targets, masked)
   agree = (jnp.argmax(logits, -1) == jnp.argmax(targets, -1)) & masked
@@ -140,7 +151,8 @@ def loss(cfg, inputs: StepInputs, rng):
       "content/top1": jnp.sum(agree) / jnp.sum(masked)})
   total = ce
   if cfg.cross_cov_weight or cfg.adversary_weight or cfg.invariance_weight:
-    projection, _ = model.apply_head("content", params, inputs.features)
+    projection = model.apply_head("content", params, inputs.features,
+                                  method="project")
     pooled = projection.mean(1)
   if cfg.invariance_weight:
     invariance = content_lib.invariance_loss(view_projection, projection,
@@ -148,8 +160,6 @@ def loss(cfg, inputs: StepInputs, rng):
     metrics["content/invariance"] = invariance
     total = total + cfg.invariance_weight * invariance
   if cfg.cross_cov_weight:
-    speaker = jax.lax.stop_gradient(
-        model.apply_head("speaker", params, inputs.features))
     xcorr = content_lib.cross_correlation_penalty(speaker, pooled)
     metrics["content/xcorr"] = xcorr
     total = total + cfg.cross_cov_weight * xcorr
