@@ -9,7 +9,9 @@ predictor, EMA target and the rwse / speaker / arcface / activity heads):
 The anchor GMM is fitted on the first step if its file is missing (beside the
 manifest, keyed by its settings; or `tools/fit_anchor_gmm.py` beforehand).
 Ablations: `--config.objective.content.perturb.prob=0`,
-`--config.objective.content.cross_cov_weight=0`. The speaker adversary:
+`--config.objective.content.cross_cov_weight=0`,
+`--config.model.content_speaker_conditioned=False`,
+`--config.objective.content.invariance_weight=1`. The speaker adversary:
 `--config.objective.content.adversary_weight=1`
 `--config.model.content_adversary=True`.
 """
@@ -37,8 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.content_components = common.by_variant(v, canonical=256, cpu=128,
                                                  smoke=16)
   c.model.content_adversary = False        # Speaker classifier (see below).
-  # The component classifier also reads the speaker projection (ContentVec).
-  c.model.content_speaker_conditioned = False
+  # The component classifier also reads the speaker projection (ContentVec):
+  # gap on train speakers +10.1 points against +6.9 without (cpu, 600 steps).
+  c.model.content_speaker_conditioned = True
   c.objective.jepa.weight = 0.5            # Earlier skills stay on:
   c.objective.crop.weight = 0.5            # stage 1's terms,
   c.objective.speaker = dict(              # stage 2's ArcFace (its head is
