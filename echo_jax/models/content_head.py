@@ -41,7 +41,7 @@ class ContentHead(nn.Module):
 
   def __call__(self, features: jax.Array, speaker: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array]:
-    projection = self.projection(self.norm(features.astype(jnp.float32)))
+    projection = self.project(features)
     hidden = nn.gelu(projection)
     if self.speaker_conditioned:
       if speaker is None:

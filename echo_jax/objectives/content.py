@@ -6,6 +6,15 @@ import jax
 import jax.numpy as jnp
 
 
+def _weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """Mean of `values` over positions, weighted (None = all 1); no positions
+  weighted leaves 0, not NaN."""
+  if weights is None:
+    return jnp.mean(values)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def soft_cross_entropy(target: jax.Array, logits: jax.Array,
                        weights: jax.Array | None = None) -> jax.Array:
   """Mean over positions of -sum_k p_k log softmax(logits)_k.
@@ -20,19 +29,13 @@ def soft_cross_entropy(target: jax.Array, logits: jax.Array,
   """
   ce = -jnp.sum(target * jax.nn.log_softmax(logits.astype(jnp.float32), -1),
                 axis=-1)
-  if weights is None:
-    return jnp.mean(ce)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return _weighted_mean(ce, weights)
 
 
 def entropy(p: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """Mean entropy (nats) of distributions [..., K] (weighted like above)."""
   h = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)
-  if weights is None:
-    return jnp.mean(h)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum(h * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return _weighted_mean(h, weights)
 
 
 def cross_correlation_penalty(a: jax.Array, b: jax.Array,
@@ -64,7 +67,4 @@ def invariance_loss(view: jax.Array, anchor: jax.Array,
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
   cos = jnp.sum(unit(view) * unit(jax.lax.stop_gradient(anchor)), -1)
-  if weights is None:
-    return jnp.mean(1.0 - cos)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum((1.0 - cos) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return _weighted_mean(1.0 - cos, weights)
