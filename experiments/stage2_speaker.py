@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       margin_ramp_steps=common.by_variant(v, canonical=20_000, cpu=400,
                                           smoke=4))
   c.objective.activity = dict(weight=0.1)  # Speech activity for diarization.
-  c.total_steps = common.by_variant(v, canonical=50_000, cpu=800, smoke=6)
+  c.total_steps = common.by_variant(v, canonical=50_000, cpu=1200, smoke=6)
   c.optim.update(lr=5e-4,
                  warmup_steps=common.by_variant(v, canonical=2_000, cpu=80,
                                                 smoke=2),

@@ -137,9 +137,18 @@ def test_noisy_examples_label_only_audible_speech(manifest, index):
   assert dropped > 0                       # At 0 dB SNR some frames are buried.
 
 
-def test_noise_only_examples_never_use_babble(manifest, index):
-  tr = transform(manifest, index, p_noise_only=1.0, noise_kinds=("babble",))
-  ex = tr.random_map(0, np.random.default_rng(0))
+def test_noise_only_babble_is_background_unless_switched_off(manifest, index):
+  babble = transform(manifest, index, p_noise_only=1.0, noise_kinds=("babble",),
+                     **NO_CHANNEL)
+  ex = babble.random_map(0, np.random.default_rng(0))
+  assert ex["mixture"].any() and not ex["activity"].any()
+  assert int(ex["num_speakers"]) == 0
+  level = 10 * np.log10(augment.power(ex["mixture"]))
+  lo, hi = SMALL.noise_only_level_db
+  assert lo - 0.5 <= level <= hi + 0.5
+  off = transform(manifest, index, p_noise_only=1.0, noise_kinds=("babble",),
+                  noise_only_babble=False)
+  ex = off.random_map(0, np.random.default_rng(0))
   assert not ex["mixture"].any() and not ex["activity"].any()
 
 
