@@ -93,6 +93,21 @@ def test_table_lists_every_cell():
   assert "unseen_variant" in table and "1.25%" in table
 
 
+def test_false_alarm_headline_is_noise_only_and_babble_is_apart():
+  speech = np.array([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]], bool)
+  out = robustness.false_alarm_rates(speech, ["coloured", "hum", "babble"],
+                                     "r")
+  assert out == {"r/noise_false_alarm": 1 / 8,
+                 "r/noise_false_alarm_coloured": 1 / 4,
+                 "r/noise_false_alarm_hum": 0.0,
+                 "r/noise_false_alarm_babble": 3 / 4}
+  table = robustness.format_table(out, "r")
+  assert "noise-only audio: 12.50%" in table
+  assert "babble-only audio: 75.00%" in table
+  assert "r/noise_false_alarm" not in robustness.false_alarm_rates(
+      speech[2:], ["babble"], "r")
+
+
 def test_heldout_mixtures_under_a_condition_keep_their_labels():
   from data_pipelines import default_corpus
   from echo_jax.evaluators.eval_mixtures import HeldoutMixtures
