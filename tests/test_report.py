@@ -110,6 +110,19 @@ def test_preempted_stage_exits_75(tmp_path, caplog):
   assert "rerun the same command to resume" in caplog.text
 
 
+def test_overrides_go_to_the_stages_that_have_the_field(tmp_path):
+  stage1, stage2 = stages_lib.discover(stack.EXPERIMENTS)[:2]
+  both = ["--config.optim.lr=0.1", "--config.objective.activity.weight=0.5"]
+  assert stages_lib.stage_overrides(stage1, "smoke", both) == both[:1]
+  assert stages_lib.stage_overrides(stage2, "smoke", both) == both
+  assert stages_lib.load_config(
+      stage2, "smoke", both).objective.activity.weight == 0.5
+  # A field no selected stage has is a mistake, not a no-op.
+  with pytest.raises(ValueError, match="objective.activity.weight"):
+    stack.run_stack("smoke", str(tmp_path / "runs"), stage_numbers=[1],
+                    overrides=both[1:], runner=lambda *a: 0)
+
+
 def test_stage_arguments_must_be_config_overrides():
   args, overrides = stack.parse_args(["--variant", "smoke",
                                       "--config.optim.lr=0.1"])

@@ -3,7 +3,8 @@
 # of the cpu variant (every experiments/stage<N>_*.py in order, the
 # evaluations, and the report runs/cpu/report/index.html; tools/stack.py).
 # Resumable: a rerun skips finished stages and continues the others from
-# their workdirs. Extra args (--config.<field>=<value>) go to every stage.
+# their workdirs. Extra args (--config.<field>=<value>) go to every stage
+# whose config has the field.
 # Exit status: the stack's (75: a stage was preempted; rerun to resume).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -6,7 +6,8 @@ an HTML report.
 
 Stages are the files `experiments/stage<N>_*.py`, run in order of N as
 `python -m echo_jax.main --config=FILE:VARIANT --workdir=<runs>/stage<N>`
-(any `--config.<field>=<value>` given here goes to every stage). Each resumes
+(any `--config.<field>=<value>` given here goes to every stage whose config
+has that field; one that no selected stage has is an error). Each resumes
 from its workdir; a finished one (its `total_steps` checkpoint saved) is
 skipped. Each stage's output goes to the console and to
 `<runs>/logs/<stage>.log`. Then the evaluations of
@@ -150,7 +151,8 @@ def train_stages(variant: str, runs: str, selected: Sequence[stages_lib.Stage],
   """Runs the selected stages in order; returns 0 or the failed status."""
   os.makedirs(os.path.join(runs, "logs"), exist_ok=True)
   for stage in selected:
-    config = stages_lib.load_config(stage, variant, overrides)
+    mine = stages_lib.stage_overrides(stage, variant, overrides)
+    config = stages_lib.load_config(stage, variant, mine)
     workdir = stage.workdir(runs)
     step = stages_lib.latest_step(workdir)
     if stages_lib.is_finished(workdir, config):
@@ -162,7 +164,7 @@ def train_stages(variant: str, runs: str, selected: Sequence[stages_lib.Stage],
               f"resuming at step {step}" if step else "training",
               config.total_steps, workdir, log_path)
     tick = time.time()
-    status = runner(stage, variant, workdir, overrides, log_path)
+    status = runner(stage, variant, workdir, mine, log_path)
     timings[stage.name] = time.time() - tick
     if status == trainer.EXIT_PREEMPTED:
       _log.warning("%s was preempted after saving its checkpoint; rerun the "
@@ -221,6 +223,12 @@ def run_stack(variant: str, runs: str, *,
                        f"{[s.name for s in discovered]}.")
   selected = [s for s in discovered
               if stage_numbers is None or s.number in stage_numbers]
+  applied = {o for s in selected
+             for o in stages_lib.stage_overrides(s, variant, overrides)}
+  unused = [o for o in overrides if o not in applied]
+  if unused:
+    raise ValueError(f"{unused}: no selected stage's config has these "
+                     f"fields (stages {[s.name for s in selected]}).")
   timings: dict[str, float] = {}
   status = train_stages(variant, runs, selected, overrides, runner, timings)
   if status:
@@ -228,7 +236,8 @@ def run_stack(variant: str, runs: str, *,
 
   # The report covers every stage that has a run, selected or not.
   trained = [stages_lib.StageRun.read(
-      s, runs, stages_lib.load_config(s, variant, overrides))
+      s, runs, stages_lib.load_config(
+          s, variant, stages_lib.stage_overrides(s, variant, overrides)))
              for s in discovered
              if os.path.exists(os.path.join(s.workdir(runs), "metrics.jsonl"))]
   tick = time.time()

@@ -68,6 +68,33 @@ def load_config(stage: Stage, variant: str, overrides: Sequence[str] = ()
   return flag_values.config
 
 
+_OVERRIDE_FIELD = re.compile(r"^--config\.([\w.]+)=")
+
+
+def has_field(config: ml_collections.ConfigDict, path: str) -> bool:
+  """Whether `config` has the dotted field `path` (e.g. "optim.lr")."""
+  node = config
+  for part in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def stage_overrides(stage: Stage, variant: str, overrides: Sequence[str]
+                    ) -> list[str]:
+  """The `--config.<field>=<value>` overrides whose field `stage`'s config
+  has: a stage-only key (e.g. objective.activity.weight) leaves the other
+  stages alone. Anything else is kept, for `load_config` to judge."""
+  config = load_config(stage, variant)
+  kept = []
+  for override in overrides:
+    match = _OVERRIDE_FIELD.match(override)
+    if match is None or has_field(config, match.group(1)):
+      kept.append(override)
+  return kept
+
+
 def latest_step(workdir: str) -> int | None:
   """Newest committed checkpoint step of a run, None if it has none."""
   steps = checkpointing.committed_steps(os.path.join(workdir, "checkpoints"))
