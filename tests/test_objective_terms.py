@@ -46,8 +46,11 @@ def setup(stage, variant):
   config = STAGES[stage].get_config(variant)
   with config.unlocked():
     # The numbers were recorded with the linear activity head (still what
-    # activity_hidden=0 builds); the context head came later.
+    # activity_hidden=0 builds) at weight 0.1; the context head and stage
+    # 2's weight of 1 came later.
     config.model.activity_hidden = 0
+    if "activity" in config.objective:
+      config.objective.activity.weight = 0.1
   model = build_model(config, 8)
   n = clip_samples(config)
   params = fixed_params(jax.eval_shape(
