@@ -42,8 +42,8 @@ from echo_jax.model import EchoModel
 
 SPLITS = (manifest_lib.HELDOUT, manifest_lib.UNSEEN_VARIANT)
 NOISE_ONLY_KINDS = ("coloured", "hum", "files")
-# Background babble is reported on its own, beside the noise-only headline:
-# many talkers at once, which a detector may fairly hear as speech.
+# Babble-only clips get a number of their own, out of the noise-only
+# headline: training calls them background, but they are made of speech.
 BACKGROUND_SPEECH_KINDS = ("babble",)
 
 
