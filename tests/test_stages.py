@@ -39,7 +39,8 @@ def test_stage2_chains_from_stage1(stage1_workdir, monkeypatch, tmp_path):
     assert np.isfinite(r["arcface/loss"]) and r["arcface/loss"] > 0
     np.testing.assert_allclose(
         r["train/loss"], 0.5 * r["jepa/total"] + 0.5 * r["crop/total"]
-        + r["arcface/loss"] + 0.1 * r["activity/loss"], rtol=1e-5)
+        + r["arcface/loss"]
+        + config.objective.activity.weight * r["activity/loss"], rtol=1e-5)
   margins = [r["arcface/margin"] for r in train_rows]
   assert margins[0] == 0.0 and margins[-1] == pytest.approx(0.2)
   # Evaluations of all three encoders are reported.
