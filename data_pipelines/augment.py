@@ -129,6 +129,11 @@ class AugmentConfig:
     kinds = tuple(k for k in self.noise_kinds if k != "files")
     return kinds + (("files",) if self.noise_dir else ())
 
+  @property
+  def noise_only_kinds(self) -> tuple[str, ...]:
+    return tuple(k for k in self.kinds
+                 if self.noise_only_babble or k != "babble")
+
 
 # --- Primitives (pure functions of their inputs; also used by evaluators) ---
 
@@ -596,8 +601,7 @@ def augment_example(ex: dict[str, np.ndarray], cfg: AugmentConfig,
                                   tuple(ex["segments"][slot]), spectrum)
     mixture = sources[:k].sum(axis=0)
 
-  background = [kind for kind in cfg.kinds
-                if cfg.noise_only_babble or kind != "babble"]
+  background = cfg.noise_only_kinds
   if k == 0 and ex.get("noise_only", False) and background:
     kind = background[int(rng.integers(len(background)))]
     noise = banks.training_clip(kind, n, rng, noise_only=True)
