@@ -1,5 +1,6 @@
 """Mixture stream: example invariants, phoneme frames, determinism, resume."""
 
+import dataclasses
 import os
 
 import grain
@@ -198,6 +199,26 @@ def test_p_mixture_zero_gives_full_single_speaker_clips(corpus, index):
     assert int(ex["num_speakers"]) == 1
     # Utterances outlast the clip, so the one crop covers every frame.
     assert (ex["phonemes"][0] != phonemes.UNKNOWN).all()
+
+
+def test_stage2_stream_holds_one_talker_with_and_without_pauses(corpus, index):
+  # Stage 2 labels ArcFace with speakers[:, 0] and trains the activity head:
+  # every clip must hold exactly one talker, and some must leave a long
+  # stretch without speech beside it (where noise goes on after the talker).
+  from data_pipelines import stream
+  from experiments import stage2_speaker
+  data = stage2_speaker.get_config("cpu").data
+  cfg = dataclasses.replace(stream.mixture_config(data), clip_seconds=2.0,
+                            min_source_seconds=0.5)
+  examples = _examples(corpus, index, cfg, 40)
+  for ex in examples:
+    assert int(ex["num_speakers"]) == 1 and ex["speakers"].shape == (1,)
+    assert ex["speakers"][0] >= 0
+  uncovered = [np.mean(ex["phonemes"][0] == phonemes.UNKNOWN)
+               for ex in examples]
+  full = sum(u == 0 for u in uncovered)
+  partial = sum(u >= 0.25 for u in uncovered)  # >= 0.5 s of a 2 s clip.
+  assert full >= 10 and partial >= 5, (full, partial)
 
 
 def test_different_seeds_differ_same_seed_equal(corpus, index):
