@@ -65,6 +65,13 @@ OLD_KEYS = {"jepa": lambda k: k, "crop": lambda k: jax.random.fold_in(k, 1),
             "speaker": lambda k: k, "activity": lambda k: k}
 
 
+# The effective rank takes square roots of the Gram matrix's eigenvalues:
+# the tiny ones differ with the CPU's vector unit, and their roots move the
+# rank by ~1e-4 relative (29.5502 recorded on an AVX2 host, 29.5469 on an
+# AVX-512 one). The losses themselves agree to 2e-5 on both.
+RTOL = {"jepa/target_rank": 1e-3}
+
+
 @pytest.mark.parametrize("variant", ["smoke", "cpu"])
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_terms_match_the_pre_move_numbers(stage, variant):
@@ -87,8 +94,8 @@ def test_terms_match_the_pre_move_numbers(stage, variant):
   got["train/loss"] = total
   assert set(got) == set(expected)
   for k in expected:
-    np.testing.assert_allclose(got[k], expected[k], rtol=2e-5, atol=1e-6,
-                               err_msg=k)
+    np.testing.assert_allclose(got[k], expected[k], rtol=RTOL.get(k, 2e-5),
+                               atol=1e-6, err_msg=k)
 
 
 def test_composer_sums_listed_terms_with_their_own_keys():
