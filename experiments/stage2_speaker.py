@@ -23,8 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # full-length crop at a random onset, the rest of the clip silence (noise
   # once augmented). Full-length clips alone are 80-94% speech, so the
   # activity head rarely hears a talker stop and the noise go on; it then
-  # called 32% of a noisy pause after speech speech, against 0% of the same
-  # noise alone.
+  # took 32% of a noisy pause after speech for speech, against 0% of the
+  # same noise alone.
   c.data.update(p_mixture=0.5, k_max=1)
   c.model.heads = ("rwse", "speaker", "arcface", "activity")
   c.objective.jepa.weight = 0.5            # Keep the JEPA skill alive,
