@@ -11,6 +11,8 @@ from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
 from data_pipelines import phonemes
 from data_pipelines import storage
+from data_pipelines import stream
+from experiments import stage2_speaker
 from tools import bench_data
 
 SR = manifest_lib.SAMPLE_RATE
@@ -205,8 +207,6 @@ def test_stage2_stream_holds_one_talker_with_and_without_pauses(corpus, index):
   # Stage 2 labels ArcFace with speakers[:, 0] and trains the activity head:
   # every clip must hold exactly one talker, and some must leave a long
   # stretch without speech beside it (where noise goes on after the talker).
-  from data_pipelines import stream
-  from experiments import stage2_speaker
   data = stage2_speaker.get_config("cpu").data
   cfg = dataclasses.replace(stream.mixture_config(data), clip_seconds=2.0,
                             min_source_seconds=0.5)
