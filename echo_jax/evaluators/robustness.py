@@ -41,10 +41,12 @@ from echo_jax.evaluators import speaker_metrics
 from echo_jax.model import EchoModel
 
 SPLITS = (manifest_lib.HELDOUT, manifest_lib.UNSEEN_VARIANT)
-NOISE_ONLY_KINDS = ("coloured", "hum", "files")
 # Babble-only clips get a number of their own, out of the noise-only
 # headline: training calls them background, but they are made of speech.
 BACKGROUND_SPEECH_KINDS = ("babble",)
+# The headline: every other noise kind, so a new one joins it.
+NOISE_ONLY_KINDS = tuple(k for k in augment.NOISE_KINDS
+                         if k not in BACKGROUND_SPEECH_KINDS)
 
 
 def eval_banks(manifest_path: str, seed: int, noise_dir: str = "",
