@@ -14,6 +14,7 @@ from data_pipelines import framing, stream
 from echo_jax import losses, trainer
 from echo_jax.model import build_model, clip_samples
 from experiments import common
+from tools import bench_data
 
 STAGES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(
     os.path.dirname(common.__file__), "stage*.py")))
@@ -73,3 +74,10 @@ def test_every_mixture_field_is_settable():
     config.data.activity_rel_db = -30.0
   mixture = stream.mixture_config(config.data)
   assert mixture.max_skips == 7 and mixture.activity_rel_db == -30.0
+
+
+def test_data_benchmark_ships_what_stages_1_to_3_train_on():
+  trained = {key for stage in STAGES[:3] for key in losses.batch_keys(
+      importlib.import_module(f"experiments.{stage}").get_config(
+          "cpu").objective)}
+  assert set(bench_data.TRAINED_KEYS.split(",")) == trained | {"skipped"}

@@ -32,6 +32,9 @@ from data_pipelines import storage
 TONE_HZ = {"a": 300.0, "e": 600.0, "i": 900.0, "m": 1200.0, "n": 1500.0,
            "o": 1800.0, "s": 2100.0, "u": 2400.0}
 SILENCE_SYMBOL = "_"
+# The entries the trainer ships for stages 1-3 (`losses.batch_keys` of their
+# objectives, and the host-side skip count).
+TRAINED_KEYS = "mixture,clean,activity,speakers,skipped"
 
 
 def _synthetic_utterance(rng: np.random.Generator, seconds: float, level: float,
@@ -146,9 +149,11 @@ def main(argv: list[str] | None = None) -> None:
                       "allocator's first growth.")
   parser.add_argument("--clip-seconds", type=float, default=4.0)
   parser.add_argument("--k-max", type=int, default=3)
-  parser.add_argument("--keys", default=None,
-                      help="comma-separated example entries to keep (the "
-                      "trainer keeps mixture,speakers,activity,num_speakers)")
+  parser.add_argument("--keys", default=TRAINED_KEYS,
+                      help="comma-separated example entries shipped from "
+                      "the workers, or 'all'. Default: what stages 1-3 "
+                      "train on (stage 4 adds sources, i.e. K x the "
+                      "mixture's bytes).")
   parser.add_argument("--augment", action="store_true",
                       help="Room / noise / channel augmentation on, with the "
                       "training defaults (data_pipelines/augment.py).")
@@ -173,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
   ds = mixtures.mixture_dataset(manifest, args.split, cfg, seed=0,
                                 batch_size=args.batch_size,
                                 num_workers=args.workers,
-                                keys=args.keys.split(",") if args.keys else None,
+                                keys=(None if args.keys == "all"
+                                      else args.keys.split(",")),
                                 augment=augment if args.augment else None)
   it = iter(ds)
   next(it)  # Start-up (worker spawn, index pickling) is not throughput,
