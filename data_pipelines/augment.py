@@ -18,7 +18,8 @@ responses), in this order:
            (1/f^a, a in [0, 2]), babble (4-7 corpus utterances summed), hum
            (mains harmonics and tones), and clips from a MUSAN-layout folder
            when `noise_dir` is given. Babble is made fresh per example
-           (`Banks.training_clip`), the others cropped from a bank.
+           (`Banks.training_clip`) from utterances of the whole train
+           split, the others cropped from a bank.
   channel  with `p_eq` a random smooth equaliser (a peaking biquad and a
            tilt), with `p_bandlimit` a low-pass at 3.4-7 kHz, with
            `p_telephone` a 300-3400 Hz, 8 kHz, 8-bit mu-law channel; then
@@ -31,7 +32,8 @@ responses), in this order:
            without babble-only clips the detector called 74% of the babble
            between utterances speech (against 18% for coloured noise), since
            in training it only ever heard babble under a louder talker.
-           `noise_only_babble=False` keeps babble out of noise-only clips.
+           `noise_only_babble` weighs babble against each other kind (1:
+           as often; 0: never).
 
 Activity labels follow what can be heard: where noise is added, a frame of a
 source stays active only if the source is at most `-min_local_snr_db` (10 dB)
@@ -60,6 +62,7 @@ import functools
 import glob
 import logging
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.fft
@@ -93,7 +96,7 @@ class AugmentConfig:
   bank_clips: int = 16          # Clips per noise kind in the bank.
   bank_seconds: float = 6.0     # Length of each bank clip.
   p_noise_only: float = 0.1
-  noise_only_babble: bool = True  # Noise-only clips may be babble.
+  noise_only_babble: float = 1.0  # Babble's weight among noise-only kinds.
   min_local_snr_db: float = -10.0  # Frames buried deeper are not speech.
   noise_only_level_db: tuple[float, float] = (-55.0, -20.0)
   # Channel.
@@ -113,6 +116,9 @@ class AugmentConfig:
     if unknown:
       raise ValueError(f"augment.noise_kinds has unknown {sorted(unknown)}; "
                        f"known: {NOISE_KINDS}.")
+    if self.noise_only_babble < 0:
+      raise ValueError("augment.noise_only_babble is a weight (>= 0), found "
+                       f"{self.noise_only_babble}.")
     for name in ("rt60", "snr_db", "noise_only_level_db"):
       lo, hi = getattr(self, name)
       if lo > hi:
@@ -132,7 +138,17 @@ class AugmentConfig:
   @property
   def noise_only_kinds(self) -> tuple[str, ...]:
     return tuple(k for k in self.kinds
-                 if self.noise_only_babble or k != "babble")
+                 if self.noise_only_babble > 0 or k != "babble")
+
+  def pick_noise_only_kind(self, rng: np.random.Generator) -> str:
+    """A kind of `noise_only_kinds`, babble weighted by
+    `noise_only_babble` against 1 for each other kind."""
+    kinds = self.noise_only_kinds
+    weights = np.array([self.noise_only_babble if k == "babble" else 1.0
+                        for k in kinds])
+    if np.all(weights == weights[0]):   # Uniform: one integer draw.
+      return kinds[int(rng.integers(len(kinds)))]
+    return kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
 
 
 # --- Primitives (pure functions of their inputs; also used by evaluators) ---
@@ -478,7 +494,7 @@ def read_noise_clips(noise_dir: str, count: int, seconds: float,
   return clips
 
 
-def babble(utterances: list[np.ndarray], rng: np.random.Generator,
+def babble(utterances: Sequence[np.ndarray], rng: np.random.Generator,
            n: int) -> np.ndarray:
   """4-7 of `utterances`, level-matched, each looped over the whole clip from
   a random offset (so no stretch of the clip is without talkers), summed."""
@@ -503,7 +519,7 @@ def babble(utterances: list[np.ndarray], rng: np.random.Generator,
 class Banks:
   rooms: list[list[np.ndarray]]              # Room -> RIRs of its positions.
   noise: dict[str, list[np.ndarray]]         # Kind -> clips.
-  speech: list[np.ndarray] | None = None     # Utterances babble is made of.
+  speech: Sequence[np.ndarray] | None = None  # Utterances babble sums.
   # (room, position) -> `rir_spectrum`, filled as RIRs are used; not pickled
   # (each worker fills its own: shipping them would cost more than the FFTs).
   spectra: dict[tuple[int, int], np.ndarray] = dataclasses.field(
@@ -522,8 +538,9 @@ class Banks:
 
   @classmethod
   def build(cls, cfg: AugmentConfig,
-            speech: list[np.ndarray] | None = None) -> Banks:
-    """`speech`: utterances for babble (the stream passes train speech)."""
+            speech: Sequence[np.ndarray] | None = None) -> Banks:
+    """`speech`: utterances for babble (the stream passes the whole train
+    split, read on access)."""
     rng = np.random.default_rng(cfg.bank_seed)
     if cfg.rir_dir:
       rooms = read_rirs(cfg.rir_dir, cfg.rir_seconds)
@@ -601,9 +618,8 @@ def augment_example(ex: dict[str, np.ndarray], cfg: AugmentConfig,
                                   tuple(ex["segments"][slot]), spectrum)
     mixture = sources[:k].sum(axis=0)
 
-  background = cfg.noise_only_kinds
-  if k == 0 and ex.get("noise_only", False) and background:
-    kind = background[int(rng.integers(len(background)))]
+  if k == 0 and ex.get("noise_only", False) and cfg.noise_only_kinds:
+    kind = cfg.pick_noise_only_kind(rng)
     noise = banks.training_clip(kind, n, rng, noise_only=True)
     level = 10.0 ** (rng.uniform(*cfg.noise_only_level_db) / 20.0)
     mixture = (np.float32(level / np.sqrt(max(power(noise), 1e-20)))

@@ -148,9 +148,23 @@ def test_noise_only_babble_is_background_unless_switched_off(manifest, index):
   lo, hi = SMALL.noise_only_level_db
   assert lo - 0.5 <= level <= hi + 0.5
   off = transform(manifest, index, p_noise_only=1.0, noise_kinds=("babble",),
-                  noise_only_babble=False)
+                  noise_only_babble=0.0)
   ex = off.random_map(0, np.random.default_rng(0))
   assert not ex["mixture"].any() and not ex["activity"].any()
+
+
+def test_noise_only_babble_weight_sets_babble_share():
+  def babble_share(weight):
+    cfg = augment.AugmentConfig(noise_kinds=("coloured", "babble", "hum"),
+                                noise_only_babble=weight)
+    picks = [cfg.pick_noise_only_kind(np.random.default_rng(i))
+             for i in range(3000)]
+    return picks.count("babble") / len(picks)
+  assert abs(babble_share(1.0) - 1 / 3) < 0.03
+  assert abs(babble_share(3.0) - 3 / 5) < 0.03
+  assert babble_share(0.0) == 0.0
+  with pytest.raises(ValueError, match="noise_only_babble"):
+    augment.AugmentConfig(noise_only_babble=-1.0)
 
 
 def best_crop_match(clip, x):
@@ -329,3 +343,15 @@ def test_cached_rir_spectra_stay_in_their_process():
   assert rir is banks.rooms[0][1] and banks.spectra
   np.testing.assert_array_equal(spectrum, augment.rir_spectrum(rir))
   assert not pickle.loads(pickle.dumps(banks)).spectra
+
+
+def test_training_babble_draws_on_the_whole_train_split(manifest, index):
+  tr = transform(manifest, index, noise_kinds=("babble",))
+  speech = tr.banks.speech
+  assert len(speech) == len(index.utterances)
+  store = storage.AudioStore(manifest)
+  for i in (0, len(speech) - 1):
+    utt = index.utterances[i]
+    np.testing.assert_array_equal(
+        speech[i], store.read(utt, 0, min(utt.num_samples,
+                                          mixtures.BABBLE_SECONDS * SR)))
