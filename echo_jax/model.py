@@ -20,7 +20,8 @@ import numpy as np
 from data_pipelines.framing import HOP, SAMPLE_RATE
 from echo_jax import audio
 from echo_jax import heads as heads_registry
-from echo_jax.models.auto_dtype import resolve_compute_dtype
+from echo_jax import xla_options as xla_options_lib
+from echo_jax.models.auto_dtype import resolve_compute_dtype, xla_options_name
 from echo_jax.models.precision import DTYPES
 from echo_jax.models.vit import (Encoder, Predictor, resolve_attention,
                                  resolve_residual_dtype)
@@ -39,6 +40,12 @@ class EchoModel:
   n_mels: int
   mel_mean: float
   mel_std: float
+  # The `xla_options.candidates` entry the train step is compiled with.
+  xla_options: str = xla_options_lib.DEFAULT
+
+  @property
+  def jit_kwargs(self) -> dict:
+    return xla_options_lib.jit_kwargs(self.xla_options)
 
   @property
   def patch_frames(self) -> int:
@@ -101,14 +108,16 @@ class EchoModel:
 def build_model(config, num_classes: int = 0) -> EchoModel:
   """Modules from `config.model`; `num_classes` = train speakers (ArcFace).
 
-  `compute_dtype="auto"` is resolved here, by measurement on the backend in
-  use (`auto_dtype.resolve_compute_dtype`); `remat` is the blocks' policy;
+  `compute_dtype="auto"` and the train step's XLA options are resolved
+  here, by measurement on the backend in use (`auto_dtype`); `remat` is the
+  blocks' policy;
   `attention="auto"` picks the fused cuDNN kernel where it applies
   (`vit.resolve_attention`).
   """
   m = config.model
-  dtype = resolve_compute_dtype(m.compute_dtype, m.encoder.width,
-                                m.encoder.num_heads, m.encoder.mlp_dim)
+  block = (m.compute_dtype, m.encoder.width, m.encoder.num_heads,
+           m.encoder.mlp_dim)
+  dtype = resolve_compute_dtype(*block)
   remat = m.get("remat", "none")
   attention = resolve_attention(m.get("attention", "auto"), dtype)
   residual = resolve_residual_dtype(m.get("residual_dtype", "float32"), dtype)
@@ -126,7 +135,8 @@ def build_model(config, num_classes: int = 0) -> EchoModel:
       m, heads_registry.BuildInfo(num_classes=num_classes))
   return EchoModel(encoder=encoder, predictor=predictor, heads=heads,
                    speaker_dim=m.speaker_embed_dim, n_mels=m.n_mels,
-                   mel_mean=m.mel_mean, mel_std=m.mel_std)
+                   mel_mean=m.mel_mean, mel_std=m.mel_std,
+                   xla_options=xla_options_name(*block))
 
 
 def clip_samples(config) -> int:

@@ -27,7 +27,7 @@ from data_pipelines import manifest as manifest_lib
 from data_pipelines import stream
 from echo_jax import checkpointing, losses, metric_writer, optimizer
 from echo_jax import preemption as preemption_lib
-from echo_jax import sharding, xla_options
+from echo_jax import sharding
 from echo_jax.evaluators import registry as eval_registry
 from echo_jax.model import EchoModel, build_model, clip_samples, param_count
 from echo_jax.objectives import jepa
@@ -121,7 +121,7 @@ def jit_train_step(model: EchoModel, config, mesh: jax.sharding.Mesh,
       make_train_step(model, config),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
       out_shardings=(state_sharding, replicated, replicated),
-      donate_argnums=(0, 2), **xla_options.jit_kwargs())
+      donate_argnums=(0, 2), **model.jit_kwargs)
 
 
 def resolve_init_from(pattern: str, workdir: str) -> str:

@@ -1,11 +1,13 @@
-"""XLA compile options for the train step, per backend.
+"""XLA compile options the train step may use, per backend.
 
-On CPU, XLA sends batched matmuls (attention's q.k and p.v) to Eigen by
-default; with `xla_cpu_experimental_onednn_custom_call` they go to oneDNN,
-which ran them 2.2x faster at the canonical attention shapes on a 2-core
-AVX-512 machine, and the whole fp32 step at batch 8 ~15% faster (bf16:
-~25%). An XLA that does not know the option (older or newer jaxlib) is probed
-once and simply gets no options.
+Which set pays is a property of the machine and the compute dtype, so none
+is assumed: `models/auto_dtype.py` times an encoder block under each set
+that XLA accepts here and the train step is compiled with the fastest.
+On CPU the candidates are XLA's own dots and oneDNN's custom call
+(`xla_cpu_experimental_onednn_custom_call`). Measured: on a 2-core AVX-512
+host without AMX, oneDNN ran the attention matmuls 2.2x faster (whole fp32
+step ~15%); on a 2-core AMX host (Sapphire Rapids) it took bfloat16
+matmuls off XLA's AMX path and made the bfloat16 step 1.6x slower.
 """
 
 from __future__ import annotations
@@ -16,30 +18,39 @@ import logging
 import jax
 import jax.numpy as jnp
 
-_BY_BACKEND = {"cpu": {"xla_cpu_experimental_onednn_custom_call": True}}
+DEFAULT = "default"
+_BY_BACKEND = {"cpu": {"onednn": {"xla_cpu_experimental_onednn_custom_call":
+                                  True}}}
 
 
-@functools.cache
-def train_step_options(backend: str | None = None) -> dict:
-  """Options for `jax.jit(..., compiler_options=...)` on `backend` (default:
-  the default backend); {} where none apply or XLA rejects them."""
-  backend = backend or jax.default_backend()
-  options = _BY_BACKEND.get(backend, {})
-  if not options:
-    return {}
+def _compiles(options: dict, backend: str) -> bool:
   try:
     probe = jax.jit(lambda a: jnp.einsum("bqd,bkd->bqk", a, a),
                     compiler_options=options)
-    probe.lower(jnp.ones((1, 8, 8), jnp.float32)).compile()
+    a = jax.device_put(jnp.ones((1, 8, 8)), jax.devices(backend)[0])
+    probe.lower(a).compile()
+    return True
   except Exception as e:  # pylint: disable=broad-except
-    logging.info("XLA options %s not taken on %s (%s); compiling without.",
-                 options, backend, str(e).splitlines()[0][:120])
-    return {}
-  return dict(options)
+    logging.info("XLA options %s not taken on %s (%s).", options, backend,
+                 str(e).splitlines()[0][:120])
+    return False
 
 
-def jit_kwargs() -> dict:
-  """`{"compiler_options": ...}` for jax.jit, or {} (a jax without the
-  argument never sees it)."""
-  options = train_step_options()
+@functools.cache
+def candidates(backend: str | None = None) -> dict[str, dict]:
+  """{name: compile options} to choose from on `backend` (default: the
+  default backend): `DEFAULT` ({}) and each set this XLA accepts (an older
+  or newer jaxlib that does not know an option simply loses that set)."""
+  backend = backend or jax.default_backend()
+  found = {DEFAULT: {}}
+  for name, options in _BY_BACKEND.get(backend, {}).items():
+    if _compiles(options, backend):
+      found[name] = dict(options)
+  return found
+
+
+def jit_kwargs(name: str) -> dict:
+  """`{"compiler_options": ...}` for jax.jit with candidate `name`, or {}
+  (a jax without the argument never sees it)."""
+  options = candidates()[name]
   return {"compiler_options": options} if options else {}

@@ -206,19 +206,28 @@ def test_remat_policy_names():
 
 @pytest.fixture
 def fake_timings(monkeypatch, tmp_path):
-  """Block timings by dtype, a counter of measurements, a fresh cache."""
+  """Block timings by (dtype, XLA option set), the measurements made, a
+  fresh cache, and two option sets to choose from."""
   monkeypatch.setenv("ECHO_JAX_CACHE", str(tmp_path))
-  auto_dtype._resolve_auto.cache_clear()
-  seconds = {"float32": 1.0, "bfloat16": 1.0}
+  monkeypatch.setattr(auto_dtype.xla_options, "candidates",
+                      lambda: {"default": {}, "onednn": {"x": True}})
+  auto_dtype._decide.cache_clear()
+  seconds = {(d, o): 1.0 for d in ("float32", "bfloat16")
+             for o in ("default", "onednn")}
   calls = []
 
-  def fake(dtype, *args):
-    calls.append(jnp.dtype(dtype).name)
-    return seconds[jnp.dtype(dtype).name]
+  def fake(dtype, options, *args):
+    calls.append((jnp.dtype(dtype).name, options))
+    return seconds[jnp.dtype(dtype).name, options]
 
   monkeypatch.setattr(auto_dtype, "_block_step_seconds", fake)
   yield seconds, calls, tmp_path / "compute_dtype.json"
-  auto_dtype._resolve_auto.cache_clear()
+  auto_dtype._decide.cache_clear()
+
+
+def _set(seconds, dtype, value):
+  for o in ("default", "onednn"):
+    seconds[dtype, o] = value
 
 
 @pytest.mark.parametrize("bf16_seconds, expected", [
@@ -229,55 +238,88 @@ def fake_timings(monkeypatch, tmp_path):
 def test_auto_picks_the_measured_faster_dtype(fake_timings, bf16_seconds,
                                               expected):
   seconds, calls, _ = fake_timings
-  seconds["bfloat16"] = bf16_seconds
+  _set(seconds, "bfloat16", bf16_seconds)
   assert auto_dtype.resolve_compute_dtype("auto", 32, 2, 64) == expected
-  assert sorted(set(calls)) == ["bfloat16", "float32"]
+  assert sorted(set(calls)) == [("bfloat16", "default"), ("bfloat16", "onednn"),
+                                ("float32", "default"), ("float32", "onednn")]
+
+
+def test_dtype_and_options_are_chosen_together(fake_timings):
+  # As measured on an AMX CPU: oneDNN's dots help float32 a little and cost
+  # bfloat16 most of its speed; bfloat16 with XLA's dots is the fastest.
+  seconds, _, _ = fake_timings
+  seconds.update({("float32", "default"): 1.0, ("float32", "onednn"): 0.9,
+                  ("bfloat16", "default"): 0.5, ("bfloat16", "onednn"): 1.0})
+  assert auto_dtype.resolve_compute_dtype("auto", 32, 2, 64) == jnp.bfloat16
+  assert auto_dtype.xla_options_name("auto", 32, 2, 64) == "default"
+  assert auto_dtype.xla_options_name("float32", 32, 2, 64) == "onednn"
+  assert auto_dtype.xla_options_name("bfloat16", 32, 2, 64) == "default"
+  # bfloat16's best is compared with float32's best, not with its default.
+  seconds[("bfloat16", "default")] = 0.85
+  auto_dtype._decide.cache_clear()
+  assert auto_dtype.resolve_compute_dtype("auto", 48, 2, 64) == jnp.float32
+  assert auto_dtype.xla_options_name("auto", 48, 2, 64) == "onednn"
 
 
 def test_auto_is_cached_per_device_and_shape(fake_timings):
   seconds, calls, path = fake_timings
-  seconds["bfloat16"] = 0.5
+  _set(seconds, "bfloat16", 0.5)
   assert auto_dtype.resolve_compute_dtype("auto", 32, 2, 64) == jnp.bfloat16
   measured = len(calls)
   cache = json.load(open(path))
-  (key, entry), = cache.items()
-  assert jax.devices()[0].device_kind in key and "width 32" in key
-  assert entry["choice"] == "bfloat16"
-  # A new process (cleared memo) reads the file and measures nothing.
-  auto_dtype._resolve_auto.cache_clear()
-  seconds["bfloat16"] = 5.0
+  assert len(cache) == 2   # One entry per dtype.
+  for key, entry in cache.items():
+    assert jax.devices()[0].device_kind in key and "width 32" in key
+    assert set(entry["seconds"]) == {"default", "onednn"}
+  # A new process (cleared memo) reads the file and measures nothing, for
+  # `auto` and for an explicit dtype alike.
+  auto_dtype._decide.cache_clear()
+  _set(seconds, "bfloat16", 5.0)
   assert auto_dtype.resolve_compute_dtype("auto", 32, 2, 64) == jnp.bfloat16
+  assert auto_dtype.resolve_compute_dtype("float32", 32, 2, 64) == jnp.float32
   assert len(calls) == measured
   # Another shape is measured on its own.
   assert auto_dtype.resolve_compute_dtype("auto", 48, 2, 64) == jnp.float32
   assert len(calls) > measured
 
 
-def test_explicit_dtypes_and_bad_names(fake_timings):
+def test_explicit_dtypes_and_bad_names(fake_timings, monkeypatch):
   _, calls, _ = fake_timings
   assert auto_dtype.resolve_compute_dtype("float32", 8, 1, 8) == jnp.float32
   assert auto_dtype.resolve_compute_dtype("bfloat16", 8, 1, 8) == jnp.bfloat16
-  assert not calls
+  assert {d for d, _ in calls} == {"float32", "bfloat16"}  # Options only.
   with pytest.raises(ValueError, match="compute_dtype must be one of"):
     auto_dtype.resolve_compute_dtype("float16", 8, 1, 8)
+  # With one option set (GPUs, TPUs) an explicit dtype measures nothing.
+  monkeypatch.setattr(auto_dtype.xla_options, "candidates",
+                      lambda: {"default": {}})
+  auto_dtype._decide.cache_clear()
+  calls.clear()
+  assert auto_dtype.resolve_compute_dtype("float32", 16, 1, 8) == jnp.float32
+  assert auto_dtype.xla_options_name("float32", 16, 1, 8) == "default"
+  assert not calls
 
 
 def test_canonical_config_uses_auto_and_build_model_resolves_it(fake_timings):
   seconds, _, _ = fake_timings
-  seconds["bfloat16"] = 0.5
+  _set(seconds, "bfloat16", 0.5)
+  seconds["bfloat16", "onednn"] = 0.4
   config = stage1_jepa.get_config("canonical")
   assert config.model.compute_dtype == "auto"
   assert config.model.remat == "none"
   model = build_model(config)
   assert model.encoder.dtype == model.predictor.dtype == jnp.bfloat16
+  assert model.xla_options == "onednn"
+  assert model.jit_kwargs == {"compiler_options": {"x": True}}
 
 
 def test_real_measurement_runs_on_this_backend():
-  choice, seconds = auto_dtype.measure_compute_dtype(32, 2, 64, tokens=128,
-                                                    repeats=1)
-  assert choice in ("float32", "bfloat16")
+  seconds = auto_dtype.measure_block_seconds(["float32", "bfloat16"], 32, 2,
+                                             64, tokens=128, repeats=1)
   assert set(seconds) == {"float32", "bfloat16"}
-  assert all(s > 0 for s in seconds.values())
+  for by_options in seconds.values():
+    assert set(by_options) == set(auto_dtype.xla_options.candidates())
+    assert all(s > 0 for s in by_options.values())
 
 
 def test_attention_auto_picks_cudnn_only_for_16_bit_on_gpus(monkeypatch):

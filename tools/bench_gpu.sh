@@ -57,6 +57,6 @@ echo "=== compute_dtype=auto"
 ECHO_JAX_CACHE="$out" timeout "$limit" "$python" -c "
 import jax
 from echo_jax.models import auto_dtype
-print(jax.devices()[0].device_kind, auto_dtype.measure_compute_dtype(512, 8, 2048))
+print(jax.devices()[0].device_kind, auto_dtype.measure_block_seconds(['float32', 'bfloat16'], 512, 8, 2048))
 print('auto ->', auto_dtype.resolve_compute_dtype('auto', 512, 8, 2048))
 " 2>&1 | grep -v -E "^(I|W)[0-9]{4} " | tail -30

@@ -249,6 +249,7 @@ def bench_step(config, batch_size: int, mesh, attention: str = "default"
       "compute_dtype": config.model.compute_dtype, "resolved_dtype": dtype,
       "remat": config.model.get("remat", "none"), "attention": attention,
       "attention_impl": str(model.encoder.attention_impl),
+      "xla_options": model.xla_options,
       "residual_dtype": jnp.dtype(model.encoder.residual_dtype).name,
       "encoder_params_M": param_count(state["params"]["encoder"]) / 1e6,
       "batch_size": batch_size, "tokens_per_example": model.num_tokens(n),
@@ -317,7 +318,7 @@ def bench_loop(config, batch_size: int, bare_step_s: float) -> dict:
 def _summary(rows: list[dict]) -> str:
   head = (f"{'dtype':9s} {'remat':5s} {'attn':7s} {'batch':>5s} {'step_s':>8s} "
           f"{'ex/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'xla/mm':>6s} "
-          f"{'temp_GB':>7s}")
+          f"{'temp_GB':>7s} xla_options")
   lines = [head]
   for r in rows:
     if "error" in r:
@@ -330,7 +331,8 @@ def _summary(rows: list[dict]) -> str:
         f"{r['batch_size']:5d} "
         f"{r['step_time_s']:8.4f} {r['examples_per_s']:8.1f} "
         f"{r['achieved_tflops_per_s']:8.2f} {mfu:>6s} "
-        f"{r['xla_over_matmul']:6.3f} {r.get('temp_GB', float('nan')):7.2f}")
+        f"{r['xla_over_matmul']:6.3f} {r.get('temp_GB', float('nan')):7.2f} "
+        f"{r.get('xla_options', '-')}")
   return "\n".join(lines)
 
 

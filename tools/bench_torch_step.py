@@ -138,6 +138,9 @@ def main():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--threads", type=int, default=os.cpu_count())
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 default="float32", help="bfloat16: PyTorch's own mixed "
+                 "precision (CPU autocast around the forward passes).")
   args = p.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -154,14 +157,19 @@ def main():
   rng = np.random.default_rng(0)
   mel = torch.randn(args.batch_size, frames, 80)
 
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16,
+                            enabled=args.dtype == "bfloat16")
+
   def step():
     ctx_idx, tgt_idx = span_masks(rng, args.batch_size, tokens,
                                   args.mask_fraction, args.span_tokens)
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
       hidden, _ = target(mel)
       targets = gather(layer_targets(hidden, args.target_layers), tgt_idx)
-    _, context = online(mel, keep=ctx_idx)
-    loss = F.smooth_l1_loss(predictor(context, ctx_idx, tgt_idx), targets)
+    with autocast:
+      _, context = online(mel, keep=ctx_idx)
+      prediction = predictor(context, ctx_idx, tgt_idx)
+    loss = F.smooth_l1_loss(prediction.float(), targets.float())
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -182,7 +190,8 @@ def main():
     float(step())
     times.append(time.perf_counter() - tick)
   s = float(np.median(times))
-  print(f"torch {torch.__version__}, {args.threads} threads, batch "
+  print(f"torch {torch.__version__}, {args.dtype}, {args.threads} threads, "
+        f"batch "
         f"{args.batch_size}, {tokens} tokens: {s:.3f} s/step (median of "
         f"{args.steps}), {args.batch_size / s:.1f} examples/s, "
         f"{counter.get_total_flops() / 1e9:.1f} GFLOP/step counted",
