@@ -96,6 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       probe_frames=common.by_variant(v, canonical=50_000, cpu=15_000,
                                      smoke=2_000),
       ctc_steps=common.by_variant(v, canonical=2000, cpu=400, smoke=5),
-      ctc_lr=5e-3, random_floor=True)
+      ctc_lr=5e-3, random_floor=True,
+      # The anchor's own pooled posteriors as a content projection: how
+      # often the targets themselves name held-out speakers.
+      anchor=c.objective.content.anchor)
   c.lock()
   return c

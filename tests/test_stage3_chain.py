@@ -36,6 +36,7 @@ def test_stage3_chains_from_stage2(runs, tmp_path):
   with config.unlocked():
     config.evals = stage3_content.get_config("smoke").evals
     config.evals.content.every = 2
+    config.evals.content.anchor = config.objective.content.anchor
   workdir = str(runs / "stage3")
   final = trainer.train(config, workdir)
 
@@ -59,8 +60,12 @@ def test_stage3_chains_from_stage2(runs, tmp_path):
   for key in ("content/gap_points", "content/content_per",
               "content/random_per", "content/content_phone_linear",
               "content/speaker_phone_knn", "content/random_phone_linear",
-              "speaker/projection_top1"):
+              "speaker/projection_top1", "content/gap_anchor_points"):
     assert np.isfinite(final[key]), key
+  assert 0 <= final["content/anchor_top1"] <= 1
+  np.testing.assert_allclose(
+      final["content/gap_anchor_points"],
+      100 * (final["content/speaker_top1"] - final["content/anchor_top1"]))
 
   # lr 0: every restored tree is exactly stage 2's (strict: same structure).
   stage3_state, _, _ = checkpointing.load_state(workdir)

@@ -105,6 +105,44 @@ def test_summary_line_names_gap_and_per():
       gap_ceiling_points=63.5, content_phone_linear=0.5,
       speaker_phone_linear=0.1, content_per=0.6))
   assert "+63.5 with the true phones as content" in with_ceiling
+  with_anchor = content_eval.summary_line("stage3_content", dict(
+      gap_points=6.0, speaker_top1=0.9, content_top1=0.84,
+      gap_ceiling_points=63.5, gap_anchor_points=-2.5,
+      content_phone_linear=0.5, speaker_phone_linear=0.1, content_per=0.6))
+  assert "-2.5 with the anchor GMM's posteriors" in with_anchor
+
+
+def test_pooled_anchor_posteriors_are_the_mean_of_sklearns(tmp_path):
+  """The anchor's pooled posteriors: scikit-learn's predict_proba of the
+  standardised features of each clip's valid frames, averaged."""
+  from sklearn import mixture
+  from echo_jax import anchors
+  from echo_jax.evaluators import content_eval
+  rng = np.random.default_rng(0)
+  waves = rng.normal(scale=0.1, size=(3, 8000)).astype(np.float32)
+  waves[1, 4000:] = 0
+  lengths = np.array([8000, 4000, 6400])
+  settings = anchors.AnchorSettings(num_components=4, max_iter=5)
+  feats = [anchors.frame_features(anchors.host_log_mel(w[:n], 80), settings,
+                                  xp=np) for w, n in zip(waves, lengths)]
+  gm = mixture.GaussianMixture(4, covariance_type="diag", random_state=0,
+                               reg_covar=settings.var_floor)
+  mean, std = np.concatenate(feats).mean(0), np.concatenate(feats).std(0)
+  gm.fit((np.concatenate(feats) - mean) / std)
+  path = str(tmp_path / "gmm.npz")
+  anchors.save(anchors.from_sklearn(gm, mean, std, settings), path)
+  cfg = dict(path=path, manifest="", corpus_size="tiny",
+             **{k: getattr(settings, k) for k in ("kind", "normalize",
+                                                  "n_mels", "n_mfcc",
+                                                  "num_components",
+                                                  "var_floor", "max_frames",
+                                                  "max_utterances", "max_iter",
+                                                  "seed")})
+  import ml_collections
+  pooled = content_eval._pooled_anchor_posteriors(
+      ml_collections.ConfigDict(cfg), waves, lengths)
+  expected = [gm.predict_proba((f - mean) / std).mean(0) for f in feats]
+  np.testing.assert_allclose(pooled, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_phone_histograms_hand_case():

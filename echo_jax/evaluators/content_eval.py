@@ -13,7 +13,13 @@
   evaluator's, computed once);
 - phone error rate: a linear CTC layer trained on frozen content features of
   train speakers, greedy decoding, PER on held-out speakers; the same on the
-  random-init encoder's features is the floor.
+  random-init encoder's features is the floor;
+- what bounds the gap from either side, on the same split: the true phone
+  histograms as content (`gap_ceiling_points`), and, where the config names
+  the anchor (`anchor`), the anchor GMM's own posteriors pooled the same way
+  (`anchor_top1`, `gap_anchor_points`): the targets the content head is
+  trained to predict, so a content projection that names speakers about as
+  often as they do has learnt its targets, speaker cues included.
 
 Every value goes to the trainer's metrics (metrics.jsonl) under `<name>/`.
 """
@@ -28,9 +34,10 @@ import numpy as np
 
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import phonemes as phonemes_lib
-from echo_jax import embed, probe
+from echo_jax import anchors, embed, probe
 from echo_jax.evaluators import phone_probe, speaker_metrics
 from echo_jax.model import EchoModel
+from echo_jax.terms import content_term
 
 
 def _content_frames(model: EchoModel, params, waves):
@@ -49,10 +56,26 @@ def _rwse_frames(model: EchoModel, params, waves):
   return model.features(params, params["encoder"], model.log_mel(waves))[0]
 
 
+def _pooled_anchor_posteriors(anchor_cfg, waves: np.ndarray,
+                              lengths: np.ndarray) -> np.ndarray:
+  """[N, K] mean anchor-GMM posteriors over each clip's frames (its valid
+  length), from the features the content term's targets are computed on."""
+  settings = anchors.AnchorSettings.from_config(anchor_cfg)
+  arrays = content_term.anchor_gmm(anchor_cfg).arrays()
+  pooled = []
+  for wave, n in zip(waves, lengths):
+    log_mel = anchors.host_log_mel(wave[:int(n)], settings.n_mels)
+    feats = anchors.frame_features(log_mel, settings, xp=np)
+    pooled.append(np.exp(np.asarray(anchors.log_posteriors(arrays, feats)))
+                  .mean(0))
+  return np.stack(pooled)
+
+
 class ContentEvaluator:
   """`run(model, state) -> {name: value}`; config: every, seconds,
   batch_size, max_utterances_per_speaker, train_utterances, probe_frames,
-  ctc_steps, ctc_lr, random_floor."""
+  ctc_steps, ctc_lr, random_floor, and optionally anchor (the content term's
+  `anchor` block)."""
 
   def __init__(self, name: str, config, model: EchoModel, manifest_path: str,
                seed: int):
@@ -111,6 +134,11 @@ class ContentEvaluator:
       random_params = model.init(jax.random.PRNGKey(seed + 1), num_samples)
       self.random_floor = self._frame_metrics(
           self._frames("_rwse_frames", random_params), "random")
+    self.anchor_pooled = None
+    if config.get("anchor"):
+      self.anchor_pooled = _pooled_anchor_posteriors(
+          config.anchor, self.sets["heldout"]["waves"],
+          self.sets["heldout"]["lengths"])
     logging.info("%s: %d train / %d held-out utterances with alignments, %d "
                  "phonemes.", name, len(self.sets["train"]["waves"]),
                  len(self.sets["heldout"]["waves"]), self.num_phones)
@@ -178,6 +206,12 @@ class ContentEvaluator:
         held["speaker_ids"], seed=self.seed)
     results[f"{self.name}/phone_histogram_top1"] = ceiling["content_top1"]
     results[f"{self.name}/gap_ceiling_points"] = ceiling["gap_points"]
+    if self.anchor_pooled is not None:
+      anchor = speaker_metrics.factorisation_gap(
+          pooled_speaker, self.anchor_pooled, held["speaker_ids"],
+          seed=self.seed)
+      results[f"{self.name}/anchor_top1"] = anchor["content_top1"]
+      results[f"{self.name}/gap_anchor_points"] = anchor["gap_points"]
     if self.random_floor:
       results.update(self.random_floor)
     return results
@@ -189,6 +223,9 @@ def summary_line(stage: str, results: dict) -> str:
   r = results
   ceiling = (f"; {r['gap_ceiling_points']:+.1f} with the true phones as "
              "content" if "gap_ceiling_points" in r else "")
+  if "gap_anchor_points" in r:
+    ceiling += (f", {r['gap_anchor_points']:+.1f} with the anchor GMM's "
+                "posteriors")
   return (f"{stage}: factorisation gap {r['gap_points']:+.1f} points (held-out "
           f"speaker top-1 {100 * r['speaker_top1']:.1f}% speaker projection, "
           f"{100 * r['content_top1']:.1f}% content projection{ceiling}); "

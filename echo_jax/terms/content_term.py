@@ -68,11 +68,16 @@ class _DataRef(dict):
   __getattr__ = dict.__getitem__
 
 
+def anchor_gmm(anchor_cfg) -> anchors.Gmm:
+  """The GMM the content block `anchor_cfg` names (fitted if missing)."""
+  return _gmm(anchor_cfg.path, anchor_cfg.manifest, anchor_cfg.corpus_size,
+              anchors.AnchorSettings.from_config(anchor_cfg))
+
+
 def anchor_arrays(anchor_cfg) -> dict[str, jax.Array]:
   """The GMM's arrays as step values (a host callback; see module doc)."""
   settings = anchors.AnchorSettings.from_config(anchor_cfg)
-  fetch = lambda: _gmm(anchor_cfg.path, anchor_cfg.manifest,  # noqa: E731
-                       anchor_cfg.corpus_size, settings).arrays()
+  fetch = lambda: anchor_gmm(anchor_cfg).arrays()  # noqa: E731
   return jax.pure_callback(fetch, anchors.shapes(settings))
 
 
