@@ -16,8 +16,9 @@
   random-init encoder's features is the floor;
 - what bounds the gap from either side, on the same split: the true phone
   histograms as content (`gap_ceiling_points`), and, where the config names
-  the anchor (`anchor`), the anchor GMM's own posteriors pooled the same way
-  (`anchor_top1`, `gap_anchor_points`): the targets the content head is
+  the anchor (`anchor`), the anchor GMM's own posteriors averaged over each
+  clip's valid frames (`anchor_top1`, `gap_anchor_points`; the content
+  projection is averaged over its valid tokens): the targets the head is
   trained to predict, so a content projection that names speakers about as
   often as they do has learnt its targets, speaker cues included.
 
