@@ -33,19 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       weight=1.0, scale=30.0, margin=0.2,
       margin_ramp_steps=common.by_variant(v, canonical=20_000, cpu=400,
                                           smoke=4))
-  # Speech activity for diarization, at the speaker term's weight, with 20%
-  # noise-only clips: a quiet babble-, noise- or hum-only stretch is not
-  # speech. Measured on 50 held-out 10 s mixtures at 10 dB SNR, with the
-  # labels' -10 dB rule (augment.min_local_snr_db): blind DER 56.8% against
-  # 58.4% at weight 0.1 and 10% with the 0 dB rule, the clean DER unchanged.
-  c.objective.activity = dict(weight=1.0)
-  c.data.augment.p_noise_only = 0.2
-  # Babble is the noise the detector confuses with speech (coloured noise
-  # and hum alone are rejected), so 3/5 of the noise-only clips are babble.
-  # Alone this moved little (babble-only false alarm 65% -> 60%); babble
-  # summed from the whole train split rather than a pool of 64 utterances
-  # is what helped (-> 23%), measured together with this weight.
-  c.data.augment.noise_only_babble = 3.0
+  common.train_speech_activity(c)          # Weight 1, noise-only clips.
   # cpu: at 1200 steps the unseen-variant speaker EER under reverb and the
   # telephone channel was only 9-21% below the MFCC floor's; at 2000, 35-41%.
   c.total_steps = common.by_variant(v, canonical=50_000, cpu=2000, smoke=6)

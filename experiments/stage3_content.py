@@ -47,12 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective.speaker = dict(              # stage 2's ArcFace (its head is
       weight=1.0, scale=30.0, margin=0.2,  # restored: margin at once)
       margin_ramp_steps=1)
-  # Speech activity keeps stage 2's recipe (its weight, 20% noise-only
-  # clips, 3/5 of them babble): with the base's (weight 0.1, 10%, babble 1
-  # in 3) stage 3 took held-out babble alone for speech on 59% of its frames,
-  # against 23% after stage 2.
-  c.objective.activity = dict(weight=1.0)
-  c.data.augment.update(p_noise_only=0.2, noise_only_babble=3.0)
+  common.train_speech_activity(c)          # As stage 2: kept, not undone.
   c.objective.content = dict(
       weight=1.0,
       # HuBERT-like masking of the input: half the tokens, 200 ms spans.
