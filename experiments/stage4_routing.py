@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       residual_layers=c.objective.jepa.target_layers)
   c.objective.jepa.weight = 0.5            # Keep the JEPA skill alive,
   c.objective.crop.weight = 0.5            # both of its terms,
-  c.objective.activity = dict(weight=0.1)  # and speech activity.
+  common.train_speech_activity(c)          # and speech activity, as stage 2.
   c.objective.routing = dict(
       weight=1.0,
       target_layers=c.objective.jepa.target_layers,  # The JEPA targets.
