@@ -87,7 +87,8 @@ def test_stage4_chains_from_stage2(runs, stage4):
     assert np.isfinite(r["routing/loss"]) and r["routing/loss"] > 0
     np.testing.assert_allclose(
         r["train/loss"], 0.5 * r["jepa/total"] + 0.5 * r["crop/total"]
-        + 0.1 * r["activity/loss"] + r["routing/loss"], rtol=1e-5)
+        + config.objective.activity.weight * r["activity/loss"]
+        + r["routing/loss"], rtol=1e-5)
   for key in ("count_accuracy", "pit_accuracy", "baseline_pit_accuracy"):
     assert 0.0 <= final[f"routing/{key}"] <= 1.0
   assert np.isfinite(final["routing/si_sdr"])
