@@ -496,22 +496,32 @@ def read_noise_clips(noise_dir: str, count: int, seconds: float,
 
 def babble(utterances: Sequence[np.ndarray], rng: np.random.Generator,
            n: int) -> np.ndarray:
-  """4-7 of `utterances`, level-matched, each looped over the whole clip from
-  a random offset (so no stretch of the clip is without talkers), summed."""
+  """4-7 of `utterances` (any numeric dtype: the stream's are the stored
+  int16), each looped over the whole clip from a random offset (so no
+  stretch of the clip is without talkers), brought to unit power over the
+  clip, summed.
+
+  Each talker is looped into one float32 buffer straight from its stored
+  type, measured and scaled there: no float copy of the whole utterance
+  (that copy and its power were half of babble's cost)."""
   out = np.zeros(n, np.float32)
+  talker = np.empty(n, np.float32)
   for i in rng.choice(len(utterances), size=min(len(utterances),
                                                 int(rng.integers(4, 8))),
                       replace=False):
     u = utterances[i]
-    p = power(u)
-    if p == 0.0:
+    if not len(u):
       continue
-    gain = np.float32(np.sqrt(p))
     pos, offset = 0, int(rng.integers(len(u)))
     while pos < n:  # The loop, slice by slice (no tiled copy).
       m = min(n - pos, len(u) - offset)
-      out[pos:pos + m] += u[offset:offset + m] / gain
+      talker[pos:pos + m] = u[offset:offset + m]
       pos, offset = pos + m, 0
+    p = power(talker)
+    if p == 0.0:
+      continue
+    talker *= np.float32(1.0 / np.sqrt(p))
+    out += talker
   return out
 
 

@@ -91,22 +91,24 @@ class AudioStore:
     return self._maps[name]
 
   def read(self, utt: manifest_lib.Utterance, start: int = 0,
-           length: int | None = None) -> np.ndarray:
-    """Returns float32 samples `[length]` of `utt` from `start` (in samples)."""
+           length: int | None = None, *, raw: bool = False) -> np.ndarray:
+    """Returns float32 samples `[length]` of `utt` from `start` (in samples);
+    with `raw`, the stored int16 samples (a read-only view of the map)."""
     length = utt.num_samples - start if length is None else length
     if start < 0 or length < 0 or start + length > utt.num_samples:
       raise ValueError(f"Crop [{start}, {start + length}) is outside "
                        f"{utt.utt_id} ({utt.num_samples} samples).")
     begin = utt.offset + start
     samples = self._shard(utt.shard)[begin:begin + length]
-    return samples.astype(np.float32) / INT16_SCALE
+    return samples if raw else samples.astype(np.float32) / INT16_SCALE
 
 
 def read_or_skip(store: AudioStore, utt: manifest_lib.Utterance,
                  start: int = 0, length: int | None = None, *,
-                 skips: collections.Counter | None = None, context: str = ""
+                 skips: collections.Counter | None = None, context: str = "",
+                 raw: bool = False
                  ) -> tuple[np.ndarray | None, str | None]:
-  """`store.read` that turns a damaged shard into a skip.
+  """`store.read` (`raw`: int16) that turns a damaged shard into a skip.
 
   Returns `(samples [length], None)`, or `(None, reason)` with `reason` a
   `SKIP_REASONS` key: UNREADABLE (the shard is missing or does not open),
@@ -117,7 +119,7 @@ def read_or_skip(store: AudioStore, utt: manifest_lib.Utterance,
   """
   length = utt.num_samples - start if length is None else length
   try:
-    audio = store.read(utt, start, length)
+    audio = store.read(utt, start, length, raw=raw)
     reason, detail = (None, "") if len(audio) == length else (
         TRUNCATED, f"{len(audio)} of {length} samples")
   except ShardError as e:

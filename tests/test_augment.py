@@ -202,6 +202,27 @@ def test_training_babble_is_fresh_talkers_not_the_bank(manifest, index):
   assert 3.5 < augment.power(fresh) < 7.5
 
 
+def test_babble_talkers_are_unit_power_whatever_their_stored_type():
+  rng = np.random.default_rng(0)
+  # One talker, shorter than the clip (looped), stored as int16.
+  talker = (3000 * np.sin(np.arange(SR) * 0.05)
+            * (1 + rng.random(SR))).astype(np.int16)
+  one = augment.babble([talker], np.random.default_rng(1), 3 * SR)
+  assert augment.power(one) == pytest.approx(1.0, rel=1e-4)
+  # The same samples as floats at another level give the same babble.
+  as_float = talker.astype(np.float32) / 123.0
+  np.testing.assert_allclose(
+      augment.babble([as_float], np.random.default_rng(1), 3 * SR), one,
+      rtol=1e-4, atol=1e-5)
+  # Four talkers of very different levels: summed at equal power.
+  talkers = [talker // d for d in (1, 3, 10, 30)]
+  four = augment.babble(talkers, np.random.default_rng(2), 3 * SR)
+  assert 2.5 < augment.power(four) < 6.0
+  # An empty (skipped) utterance adds nothing and draws no offset.
+  assert augment.power(augment.babble([np.zeros(0, np.int16)],
+                                      np.random.default_rng(3), SR)) == 0.0
+
+
 def test_no_op_settings_leave_the_mixture_dry(manifest, index):
   tr = transform(manifest, index, p_reverb=0.0, p_noise=0.0, p_eq=0.0,
                  p_bandlimit=0.0, p_telephone=0.0, gain_db=0.0,
@@ -352,6 +373,9 @@ def test_training_babble_draws_on_the_whole_train_split(manifest, index):
   store = storage.AudioStore(manifest)
   for i in (0, len(speech) - 1):
     utt = index.utterances[i]
+    stored = store.read(utt, 0, min(utt.num_samples,
+                                    mixtures.BABBLE_SECONDS * SR), raw=True)
+    assert speech[i].dtype == np.int16
+    np.testing.assert_array_equal(speech[i], stored)
     np.testing.assert_array_equal(
-        speech[i], store.read(utt, 0, min(utt.num_samples,
-                                          mixtures.BABBLE_SECONDS * SR)))
+        speech[i] / storage.INT16_SCALE, store.read(utt, 0, len(stored)))
