@@ -108,6 +108,23 @@ def test_false_alarm_headline_is_noise_only_and_babble_is_apart():
       speech[2:], ["babble"], "r")
 
 
+def test_babble_false_alarm_splits_at_ten_db_under_the_talkers():
+  # Talkers at -25 dBFS: babble at <= -35 dBFS is background ("quiet").
+  assert robustness.QUIET_BELOW_DB == -35.0
+  speech = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 1],
+                     [1, 1, 0, 0]], bool)
+  out = robustness.false_alarm_rates(
+      speech, ["babble", "babble", "babble", "hum"], "r",
+      levels_db=[-45.0, -22.0, -35.0, -22.0])
+  assert out["r/noise_false_alarm_babble"] == 6 / 12
+  assert out["r/noise_false_alarm_babble_quiet"] == 2 / 8
+  assert out["r/noise_false_alarm_babble_loud"] == 4 / 4
+  assert "r/noise_false_alarm_hum_quiet" not in out
+  assert out["r/noise_false_alarm"] == 2 / 4
+  table = robustness.format_table(out, "r")
+  assert "(<= -35 dBFS): 25.00%; as loud as them: 100.00%" in table
+
+
 def test_heldout_mixtures_under_a_condition_keep_their_labels():
   from data_pipelines import default_corpus
   from echo_jax.evaluators.eval_mixtures import HeldoutMixtures

@@ -20,7 +20,9 @@ noise-only audio (coloured noise, hum and user noise files at -50 to -20
 dBFS): the fraction of tokens the head calls speech.
 
 Metric names: `<name>/<split>/<condition>/<system>_{top1,eer}`,
-`<name>/noise_false_alarm` and `<name>/noise_false_alarm_<kind>`.
+`<name>/noise_false_alarm`, `<name>/noise_false_alarm_<kind>` and, for
+babble, `..._babble_quiet` / `..._babble_loud` (at least 10 dB under the
+talkers' level, or not).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ BACKGROUND_SPEECH_KINDS = ("babble",)
 # The headline: every other noise kind, so a new one joins it.
 NOISE_ONLY_KINDS = tuple(k for k in augment.NOISE_KINDS
                          if k not in BACKGROUND_SPEECH_KINDS)
+# Noise-only clips are drawn at -50 to -20 dBFS. Babble within 10 dB of the
+# talkers' level (the stream's `target_level_db`) is a crowd as loud as the
+# foreground: the 3-talker training mixtures labelled speech are the same
+# kind of sound. It gets its own number (`_loud`) beside the background
+# babble at least 10 dB under the talkers (`_quiet`).
+NOISE_ONLY_LEVELS_DB = (-50.0, -20.0)
+BACKGROUND_MARGIN_DB = 10.0
+QUIET_BELOW_DB = (mixtures.MixtureConfig.target_level_db
+                  - BACKGROUND_MARGIN_DB)
 
 
 def eval_banks(manifest_path: str, seed: int, noise_dir: str = "",
@@ -167,16 +178,18 @@ class RobustnessEvaluator:
              if k in self.banks.noise]
     rng = np.random.default_rng([self.seed, 99])
     waves = np.zeros((self.noise_only_clips, self.num_samples), np.float32)
-    kind_of = []
+    kind_of, levels_db = [], []
     for i in range(self.noise_only_clips):
       kind = kinds[i % len(kinds)]
       noise = self.banks.noise_clip(kind, self.num_samples, rng)
-      level = 10 ** (rng.uniform(-50.0, -20.0) / 20)
-      waves[i] = noise * np.float32(level / np.sqrt(augment.power(noise)))
+      level_db = rng.uniform(*NOISE_ONLY_LEVELS_DB)
+      waves[i] = noise * np.float32(10 ** (level_db / 20)
+                                    / np.sqrt(augment.power(noise)))
       kind_of.append(kind)
+      levels_db.append(level_db)
     speech = embed.batched(lambda w: self._activity(params, w), waves,
                            batch_size=self.batch_size)
-    return false_alarm_rates(speech, kind_of, self.name)
+    return false_alarm_rates(speech, kind_of, self.name, levels_db)
 
   def run(self, model: EchoModel, state: dict) -> dict:
     if not self.judged:
@@ -202,16 +215,26 @@ class RobustnessEvaluator:
     return results
 
 
-def false_alarm_rates(speech: np.ndarray, kind_of, name: str) -> dict:
+def false_alarm_rates(speech: np.ndarray, kind_of, name: str,
+                      levels_db=None) -> dict:
   """Speech calls [clips, tokens] of noise-only clips of kinds `kind_of` ->
-  the share per kind and, over the `NOISE_ONLY_KINDS` clips, the headline."""
+  the share per kind and, over the `NOISE_ONLY_KINDS` clips, the headline;
+  with the clips' `levels_db` (dBFS), background-speech kinds also split at
+  `QUIET_BELOW_DB` into `_quiet` and `_loud`."""
   kind_of = np.asarray(kind_of)
   noise = np.isin(kind_of, NOISE_ONLY_KINDS)
   out = ({f"{name}/noise_false_alarm": float(speech[noise].mean())}
          if noise.any() else {})
   for kind in dict.fromkeys(kind_of):
-    out[f"{name}/noise_false_alarm_{kind}"] = float(
-        speech[kind_of == kind].mean())
+    of_kind = kind_of == kind
+    out[f"{name}/noise_false_alarm_{kind}"] = float(speech[of_kind].mean())
+    if levels_db is None or kind not in BACKGROUND_SPEECH_KINDS:
+      continue
+    quiet = np.asarray(levels_db) <= QUIET_BELOW_DB
+    for part, clips in (("quiet", of_kind & quiet), ("loud", of_kind & ~quiet)):
+      if clips.any():
+        out[f"{name}/noise_false_alarm_{kind}_{part}"] = float(
+            speech[clips].mean())
   return out
 
 
@@ -240,4 +263,12 @@ def format_table(results: dict, name: str) -> str:
     if fa is not None:
       lines.append(f"speech-activity false alarm on {kind}-only audio: "
                    f"{100 * fa:.2f}% of tokens")
+    parts = {part: results.get(f"{name}/noise_false_alarm_{kind}_{part}")
+             for part in ("quiet", "loud")}
+    if any(v is not None for v in parts.values()):
+      fmt = lambda v: "-" if v is None else f"{100 * v:.2f}%"
+      lines.append(
+          f"  {BACKGROUND_MARGIN_DB:g}+ dB under the talkers (<= "
+          f"{QUIET_BELOW_DB:g} dBFS): {fmt(parts['quiet'])}; "
+          f"as loud as them: {fmt(parts['loud'])}")
   return "\n".join(lines)
