@@ -18,14 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   v = c.variant
   c.stage = "stage2_speaker"
   c.init_from.workdir = "{parent}/stage1"
-  # Single-speaker clips of train speakers; K = 1 so speakers[:, 0] is the
-  # ArcFace label. Half of them are "mixtures" of one source: a 1 s to
-  # full-length crop at a random onset, the rest of the clip silence (noise
-  # once augmented). Full-length clips alone are 80-94% speech, so the
-  # activity head rarely hears a talker stop and the noise go on; it then
-  # took 32% of a noisy pause after speech for speech, against 0% of the
-  # same noise alone.
-  c.data.update(p_mixture=0.5, k_max=1)
+  common.single_speaker_clips(c)           # Half of them cropped.
   c.model.heads = ("rwse", "speaker", "arcface", "activity")
   c.objective.jepa.weight = 0.5            # Keep the JEPA skill alive,
   c.objective.crop.weight = 0.5            # both of its terms.

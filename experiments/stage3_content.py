@@ -30,9 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init_from.workdir = "{parent}/stage2"
   c.init_from.trees = (("params/encoder", "params/predictor", "target")
                        + tuple(f"params/heads/{h}" for h in STAGE2_HEADS))
-  # Single-speaker clips as in stage 2: speakers[:, 0] stays the ArcFace
-  # label, and a clip has one phonetic content.
-  c.data.p_mixture = 0.0
+  common.single_speaker_clips(c)           # As stage 2, crops included.
   c.model.heads = STAGE2_HEADS + ("content",)
   c.model.content_dim = common.by_variant(v, canonical=256, cpu=128, smoke=16)
   # S-JEPA uses 100 components; "a few hundred" at pod scale.
