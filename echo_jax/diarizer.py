@@ -240,8 +240,10 @@ class EchoDiarizer:
   def speech_activity(self, waveform: np.ndarray) -> np.ndarray:
     """[N] float32 16 kHz -> [N // 160] speech probabilities at 10 ms.
 
-    Chunks of `chunk_samples` with 50% overlap (the last one zero-padded);
-    overlapping chunk outputs are averaged, so no frame sits only at a chunk
+    Chunks of `chunk_samples` every half chunk, the last one ending at the
+    recording's last whole frame (`overlap.window_starts`); a recording
+    shorter than one chunk is padded by mirroring (`pipeline.pad_to`).
+    Overlapping chunk outputs are averaged, so no frame sits only at a chunk
     edge where the model has one-sided context. Token probabilities are
     repeated over their `patch_frames` frames; frames after a chunk's last
     whole token take that token's value.
@@ -253,23 +255,20 @@ class EchoDiarizer:
     if num_frames == 0:
       return np.zeros(0, np.float32)
     chunk = self.chunk_samples
-    hop = max(HOP, (chunk // 2) // HOP * HOP)  # Frame-aligned chunk shifts.
-    last = max(len(waveform) - chunk, 0)
-    starts = np.arange(0, last + 1, hop)
-    if starts[-1] < last:  # One more chunk reaches past the end.
-      starts = np.append(starts, starts[-1] + hop)
-    padded = np.pad(waveform, (0, max(0, starts[-1] + chunk - len(waveform))))
-    rows = np.stack([padded[s:s + chunk] for s in starts])
+    chunk_frames = chunk // HOP
+    starts = overlap_lib.window_starts(num_frames, chunk_frames,
+                                       max(1, chunk_frames // 2))
+    padded = pipeline.pad_to(waveform, starts[-1] * HOP + chunk)
+    rows = np.stack([padded[s * HOP:s * HOP + chunk] for s in starts])
     tokens = embed.batched(lambda w: self._speech(self.params, w), rows,
                            batch_size=self.chunk_batch)
-    chunk_frames = chunk // HOP
     frame_probs = np.repeat(tokens, self.model.patch_frames, axis=1)
     frame_probs = np.pad(
         frame_probs, ((0, 0), (0, chunk_frames - frame_probs.shape[1])),
         mode="edge")
-    total = np.zeros(len(padded) // HOP)
-    count = np.zeros(len(padded) // HOP)
-    for s, p in zip(starts // HOP, frame_probs):
+    total = np.zeros(starts[-1] + chunk_frames)
+    count = np.zeros(starts[-1] + chunk_frames)
+    for s, p in zip(starts, frame_probs):
       total[s:s + chunk_frames] += p
       count[s:s + chunk_frames] += 1
     return (total[:num_frames] / count[:num_frames]).astype(np.float32)

@@ -15,7 +15,7 @@ from data_pipelines import manifest as manifest_lib
 from data_pipelines import storage
 from echo_jax import embed, sharding, trainer
 from echo_jax import diarizer as diarizer_lib
-from echo_jax.diarization import rttm, scoring
+from echo_jax.diarization import pipeline, rttm, scoring
 from echo_jax.evaluators import diarization_eval
 from experiments import stage1_jepa, stage2_speaker
 from tools import diarize as diarize_tool
@@ -120,6 +120,46 @@ def test_speech_activity_shapes(diarizer, num_samples):
     np.testing.assert_allclose(
         probs[:half], diarizer.speech_activity(wave[:chunk])[:half],
         rtol=1e-5, atol=1e-6)
+
+
+def test_speech_activity_chunks_hold_only_recording_audio(diarizer,
+                                                         monkeypatch):
+  # Zeros after a recording's noise make the model call that noise speech,
+  # so the last chunk ends at the last whole frame instead of running past
+  # it, and only a recording shorter than a chunk is padded (by mirroring).
+  chunk = diarizer.chunk_samples
+  tokens = chunk // (160 * diarizer.model.patch_frames)
+  seen = []
+
+  def fake_speech(params, rows):
+    seen.extend(r for r in np.asarray(rows) if r.any())  # Not batch padding.
+    return np.zeros((len(rows), tokens), np.float32)
+
+  monkeypatch.setattr(diarizer, "_speech", fake_speech)
+  wave = np.random.default_rng(2).uniform(
+      0.1, 1.0, 2 * chunk + chunk // 3 + 77).astype(np.float32)
+  diarizer.speech_activity(wave)
+  starts = []
+  for row in seen:
+    assert np.all(row != 0), "a chunk holds padding"
+    start = int(np.flatnonzero(wave == row[0])[0])
+    np.testing.assert_array_equal(row, wave[start:start + chunk])
+    starts.append(start)
+  assert starts[0] == 0 and all(s % 160 == 0 for s in starts)
+  assert starts[-1] + chunk == len(wave) // 160 * 160
+
+  seen.clear()
+  short = wave[:chunk // 2 + 5]
+  assert diarizer.speech_activity(short).shape == (len(short) // 160,)
+  (row,) = seen
+  np.testing.assert_array_equal(row, pipeline.pad_to(short, chunk))
+
+
+def test_pad_to_mirrors_the_end():
+  np.testing.assert_array_equal(pipeline.pad_to(np.array([1., 2., 3.]), 7),
+                                [1, 2, 3, 2, 1, 2, 3])
+  x = np.array([4., 5.])
+  assert pipeline.pad_to(x, 2) is x and pipeline.pad_to(x, 1) is x
 
 
 def test_plda_is_saved_and_reused(diarizer, workdirs):

@@ -107,8 +107,7 @@ def diarize_overlap(waveform: np.ndarray, *, route_windows: RouteWindows,
   window_frames = int(round(cfg.window_seconds / FRAME_SECONDS))
   hop_frames = max(1, int(round(window_frames * cfg.hop_fraction)))
   starts = window_starts(num_frames, window_frames, hop_frames)
-  padded = np.pad(waveform, (0, max(0, (starts[-1] + window_frames) * HOP
-                                    - len(waveform))))
+  padded = pipeline.pad_to(waveform, (starts[-1] + window_frames) * HOP)
   windows = np.stack([padded[s * HOP:(s + window_frames) * HOP]
                       for s in starts])
   existence, activity, embeddings = (np.asarray(a) for a in
