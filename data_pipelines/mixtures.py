@@ -264,9 +264,8 @@ def make_example(store: storage.AudioStore, index: MixtureIndex,
     audio, reason = storage.read_or_skip(store, utt, crop, length,
                                          context="mixture", raw=True)
     if audio is not None:
-      # int16 -> float in one pass, into the row (no float copy of the crop).
-      np.multiply(audio, np.float32(1.0 / storage.INT16_SCALE),
-                  out=sources[slot, onset:onset + length])
+      # Straight into the row (no float copy of the crop).
+      storage.to_float(audio, out=sources[slot, onset:onset + length])
       # Frames [f0, f1) overlap the segment; the rest of the row is zero.
       f0, f1 = onset // hop, -(-(onset + length) // hop)
       frames = sources[slot, f0 * hop:f1 * hop].reshape(-1, hop)

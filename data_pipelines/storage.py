@@ -49,6 +49,14 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
   return np.clip(np.round(audio * INT16_SCALE), -32768, 32767).astype(np.int16)
 
 
+def to_float(samples: np.ndarray, out: np.ndarray | None = None
+             ) -> np.ndarray:
+  """Stored int16 samples -> float32 in [-1, 1), in one pass (into `out`
+  when given). Exact: 1 / 32768 is a power of two."""
+  return np.multiply(samples, np.float32(1.0 / INT16_SCALE), out=out,
+                     dtype=np.float32)
+
+
 def write_shard(path: str, chunks: list[np.ndarray]) -> list[int]:
   """Writes int16 chunks back to back into one `.npy` shard, atomically.
 
@@ -100,7 +108,7 @@ class AudioStore:
                        f"{utt.utt_id} ({utt.num_samples} samples).")
     begin = utt.offset + start
     samples = self._shard(utt.shard)[begin:begin + length]
-    return samples if raw else samples.astype(np.float32) / INT16_SCALE
+    return samples if raw else to_float(samples)
 
 
 def read_or_skip(store: AudioStore, utt: manifest_lib.Utterance,

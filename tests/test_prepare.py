@@ -230,6 +230,18 @@ def test_storage_round_trip(src, prepared):
   assert np.abs(crop - source[1234:9234]).max() > 0  # It was quantised.
 
 
+def test_int16_float_conversions_invert_each_other():
+  every = np.arange(-32768, 32768).astype(np.int16)
+  as_float = storage.to_float(every)
+  assert as_float.dtype == np.float32
+  assert as_float[0] == -1.0 and as_float[-1] == 32767 / 32768
+  np.testing.assert_array_equal(storage.to_int16(as_float), every)
+  row = np.full(len(every) + 2, 7.0, np.float32)
+  storage.to_float(every, out=row[1:-1])  # In place, nothing else touched.
+  np.testing.assert_array_equal(row[1:-1], as_float)
+  assert row[0] == row[-1] == 7.0
+
+
 def test_alignment_copied(prepared):
   out, report = prepared
   utts = utts_by_id(report.manifest_path)
