@@ -1,5 +1,6 @@
 """Diarization back-end: RTTM I/O, PLDA, AHC + VBx, pipeline, DER scoring."""
 
+import dataclasses
 import itertools
 import json
 
@@ -71,6 +72,19 @@ def _two_cov_data(rng, num_speakers, per_speaker, between, within, mu):
 def _random_cov(rng, d, scale):
   a = rng.normal(size=(d, d))
   return scale * (a @ a.T / d + 0.2 * np.eye(d))
+
+
+def test_speech_regions_fill_pauses_shorter_than_the_reference_convention():
+  # 10 ms frames: speech 0.5 s, pause 0.2 s, speech 0.5 s, pause 0.4 s,
+  # speech 0.5 s. Pauses under 0.3 s are filled, as references are scored.
+  probs = np.concatenate([np.ones(50), np.zeros(20), np.ones(50),
+                          np.zeros(40), np.ones(50)])
+  cfg = pipeline.DiarizationConfig(median_filter_frames=1)
+  assert pipeline.MIN_PAUSE_SECONDS == cfg.min_pause_seconds == 0.3
+  assert pipeline.speech_regions(probs, cfg) == [(0, 120), (160, 210)]
+  no_fill = dataclasses.replace(cfg, min_pause_seconds=0.0)
+  assert pipeline.speech_regions(probs, no_fill) == [(0, 50), (70, 120),
+                                                     (160, 210)]
 
 
 def test_two_covariance_fit_recovers_generating_covariances():

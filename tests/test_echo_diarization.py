@@ -281,7 +281,7 @@ def test_evaluator_interface_and_eval_tool(diarizer, workdirs, tmp_path):
 def test_fill_short_pauses_hand_case():
   row = np.array([0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32)
   silent = np.zeros(12, np.float32)
-  filled = diarization_eval.fill_short_pauses(np.stack([row, silent]), 3)
+  filled = pipeline.fill_short_pauses(np.stack([row, silent]), 3)
   # The 2-frame pause is filled, the 4-frame one kept; edges stay silent.
   np.testing.assert_array_equal(
       filled[0], [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0])

@@ -50,6 +50,18 @@ def test_overlap_add_averages_over_covering_windows():
   np.testing.assert_allclose(track[0], [1, 1, 0.5, 0.5, 1, 1])
 
 
+def test_tracks_fill_each_speakers_short_pauses():
+  # Speaker 0 pauses 0.2 s (one turn), speaker 1 pauses 0.5 s (two turns).
+  track = np.zeros((2, 300))
+  track[0, 0:100] = track[0, 120:200] = 1.0
+  track[1, 100:150] = track[1, 200:260] = 1.0
+  cfg = overlap.OverlapConfig(median_filter_frames=1)
+  segments = overlap.tracks_to_segments(track, cfg, "f", 3.0)
+  turns = sorted((s.speaker, round(s.start, 2), round(s.end, 2))
+                 for s in segments)
+  assert turns == [("spk0", 0.0, 2.0), ("spk1", 1.0, 1.5), ("spk1", 2.0, 2.6)]
+
+
 def _scene(seconds=8.0):
   """Speaker A talks over [0, 5) s, B over [3, 8) s: 2 s of overlap."""
   frames = int(seconds * FRAMES_PER_SECOND)

@@ -44,6 +44,7 @@ class OverlapConfig(vbx_lib.ClusteringConfig):
   activity_threshold: float = 0.5
   min_slot_seconds: float = 0.2       # Slots active less are dropped.
   median_filter_frames: int = 11      # Odd; smooths each speaker's track.
+  min_pause_seconds: float = pipeline.MIN_PAUSE_SECONDS  # Filled if shorter.
   min_segment_seconds: float = 0.0
   loop_prob: float = 0.0              # Slot embeddings are not a sequence.
 
@@ -151,6 +152,8 @@ def tracks_to_segments(track: np.ndarray, cfg: OverlapConfig, file_id: str,
     active = scipy.ndimage.median_filter(
         active.astype(np.uint8), size=(1, cfg.median_filter_frames),
         mode="nearest").astype(bool)
+  active = pipeline.fill_short_pauses(
+      active, round(cfg.min_pause_seconds / FRAME_SECONDS)) > 0
   used = [c for c in range(len(active)) if active[c].any()]
   used.sort(key=lambda c: int(np.argmax(active[c])))
   segments = rttm.activity_to_segments(

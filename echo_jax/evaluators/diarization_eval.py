@@ -40,24 +40,6 @@ _log = logging.getLogger(__name__)
 VARIANTS = ("blind", "oracle_activity", "overlap_aware")
 
 
-# NIST RT convention: a speaker's pauses shorter than 0.3 s do not end a turn.
-# Without it, frame-level activity (stop closures, word gaps) splits turns
-# into many short pieces, and a +-0.25 s collar then hides most of the speech.
-REFERENCE_MIN_PAUSE_SECONDS = 0.3
-
-
-def fill_short_pauses(activity: np.ndarray, max_pause_frames: int
-                      ) -> np.ndarray:
-  """[K, F] activity with each row's inner inactive runs shorter than
-  `max_pause_frames` set active (leading/trailing silence is kept)."""
-  filled = np.asarray(activity) > 0.5  # A new array: the input is not touched.
-  for row in filled:
-    edges = np.diff(np.concatenate([[1], row.astype(np.int8), [1]]))
-    starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
-    for a, b in zip(starts, ends):
-      if 0 < a and b < len(row) and b - a < max_pause_frames:
-        row[a:b] = True
-  return filled.astype(np.float32)
 
 
 def reference_segments(example: dict, file_id: str,
@@ -115,16 +97,17 @@ def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
               if v != "overlap_aware" or diarizer.has_router]
   # The oracle mask is used as is: smoothing would alter the reference.
   oracle_cfg = dataclasses.replace(diarizer.cfg, median_filter_frames=1,
-                                   min_speech_seconds=0.0)
+                                   min_speech_seconds=0.0,
+                                   min_pause_seconds=0.0)
   reference, uem = {}, {}
   hypotheses = {v: {} for v in variants}
   overlap, num_speakers = 0.0, []
   tick = time.time()
   for i in range(num_mixtures):
     example = heldout.example(i)
-    example["activity"] = fill_short_pauses(
+    example["activity"] = pipeline.fill_short_pauses(
         example["activity"],
-        round(REFERENCE_MIN_PAUSE_SECONDS / pipeline.FRAME_SECONDS))
+        round(pipeline.MIN_PAUSE_SECONDS / pipeline.FRAME_SECONDS))
     file_id = f"mix{i:05d}"
     reference[file_id] = reference_segments(example, file_id,
                                             heldout.speakers)
