@@ -81,6 +81,19 @@ def test_rerun_skips_finished_stages_and_cached_evaluations(stack_run):
   assert records["diarization"]["key"]["step"] == 2
 
 
+def test_a_new_diarization_revision_redoes_the_record(stack_run, monkeypatch):
+  runs, _ = stack_run
+  trained = [stages_lib.StageRun.read(
+      s, runs, stages_lib.load_config(s, "smoke", OVERRIDES))
+             for s in stages_lib.discover(stack.EXPERIMENTS)]
+  revision = evaluations.DIARIZATION_REVISION + 1
+  monkeypatch.setattr(evaluations, "DIARIZATION_REVISION", revision)
+  records = evaluations.run_all(trained, runs, "smoke")
+  assert records["diarization"]["key"]["revision"] == revision
+  with open(os.path.join(runs, "diarization", evaluations.RECORD)) as f:
+    assert json.load(f)["key"]["revision"] == revision
+
+
 def test_failed_stage_stops_the_stack(tmp_path, caplog):
   runs = str(tmp_path / "runs")
   # An impossible batch size fails in the trainer's config check, at once.

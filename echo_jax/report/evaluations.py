@@ -57,6 +57,13 @@ def _save(out_dir: str, record: dict) -> dict:
   return record
 
 
+# Part of the diarization record's cache key: bump it when a code change
+# alters the diarization of a checkpoint, so cached records are redone.
+# 2: the speech detector's last chunk ends at the recording's end; pauses
+# under 0.3 s are filled in hypotheses.
+DIARIZATION_REVISION = 2
+
+
 def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
                 ) -> dict | None:
   """Blind DER of the last stage that can diarize, on held-out mixtures
@@ -70,7 +77,7 @@ def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
   conditions = list(settings.pop("conditions"))
   key = dict(workdir=os.path.abspath(run.workdir),
              step=latest_step(run.workdir), conditions=conditions,
-             **settings)
+             revision=DIARIZATION_REVISION, **settings)
   record = _cached(out_dir, key)
   if record is not None:
     _log.info("Diarization of %s step %d: cached in %s.", run.stage.name,
