@@ -276,6 +276,13 @@ def test_evaluator_interface_and_eval_tool(diarizer, workdirs, tmp_path):
       "--workdir", workdirs[1], "--num_mixtures", "2", "--seconds", "6",
       "--k_max", "2", "--json", json_path])
   assert os.path.exists(json_path) and results["num_mixtures"] == 2
+  noisy = eval_diarization.main([
+      "--workdir", workdirs[1], "--num_mixtures", "2", "--seconds", "6",
+      "--k_max", "2", "--condition", "snr0"])
+  # The same mixtures under noise, scored against the same clean reference.
+  assert noisy["condition"] == "snr0" and results["condition"] == "clean"
+  assert noisy["blind"]["collar_0.00"]["total"] == pytest.approx(
+      results["blind"]["collar_0.00"]["total"])
 
 
 def test_fill_short_pauses_hand_case():

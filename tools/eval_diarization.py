@@ -1,7 +1,8 @@
 r"""Blind DER of a stage-2 (or later) Echo checkpoint on held-out mixtures.
 
   python -m tools.eval_diarization --workdir runs/cpu/stage2 \
-      --num_mixtures 50 --json out.json [--out_dir eval_rttm] [--seconds 10]
+      --num_mixtures 50 --json out.json [--out_dir eval_rttm] [--seconds 10] \
+      [--condition snr10]
 
 Mixtures of held-out speakers with unknown K in [k_min, k_max] from the
 checkpoint's corpus (or --manifest). Prints DER (collar 0 and 0.25 s each
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from data_pipelines import augment
 from echo_jax import diarizer as diarizer_lib
 from echo_jax.evaluators import diarization_eval
 from tools import cli
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--k_min", type=int, default=1)
   parser.add_argument("--k_max", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--condition", default="clean",
+                      choices=augment.CONDITIONS,
+                      help="the same mixtures under noise (snrN), a room or a"
+                      " telephone channel, scored against the clean labels")
   parser.add_argument("--json", default=None, help="write results here")
   parser.add_argument("--out_dir", default=None,
                       help="write RTTMs, UEM and results.json here")
@@ -48,8 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
   results = diarization_eval.evaluate_blind_der(
       diarizer, manifest, num_mixtures=args.num_mixtures, seconds=args.seconds,
       k_min=args.k_min, k_max=args.k_max, seed=args.seed,
-      out_dir=args.out_dir)
-  results.update(workdir=args.workdir, step=diarizer.step, manifest=manifest)
+      out_dir=args.out_dir, condition=args.condition)
+  results.update(workdir=args.workdir, step=diarizer.step, manifest=manifest,
+                 condition=args.condition)
   return cli.print_and_save(results, diarization_eval.format_report(results),
                             args.json)
 
