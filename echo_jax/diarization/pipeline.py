@@ -27,6 +27,7 @@ from data_pipelines.framing import FRAME_SECONDS, SAMPLE_RATE
 from data_pipelines.framing import HOP as _SAMPLES_PER_FRAME
 from echo_jax.diarization import plda as plda_lib
 from echo_jax.diarization import rttm
+from echo_jax.diarization import vbx as vbx_lib
 
 
 def mono_waveform(waveform) -> np.ndarray:
@@ -48,7 +49,6 @@ def pad_to(waveform: np.ndarray, length: int) -> np.ndarray:
   """
   extra = length - len(waveform)
   return np.pad(waveform, (0, extra), mode="reflect") if extra > 0 else waveform
-from echo_jax.diarization import vbx as vbx_lib
 
 
 # NIST RT convention: a speaker's pauses shorter than 0.3 s do not end a turn.

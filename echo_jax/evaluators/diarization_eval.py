@@ -40,8 +40,6 @@ _log = logging.getLogger(__name__)
 VARIANTS = ("blind", "oracle_activity", "overlap_aware")
 
 
-
-
 def reference_segments(example: dict, file_id: str,
                        speaker_names: tuple[str, ...]) -> list[rttm.Segment]:
   """Mixture example -> reference segments (one speaker per present slot)."""
