@@ -34,7 +34,6 @@ examples may then hold noise only. Without it, `clean` reads as `mixture`.
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -46,34 +45,13 @@ import numpy as np
 
 from data_pipelines import augment as augment_lib
 from data_pipelines import framing
+from data_pipelines import host_memory
 from data_pipelines import manifest as manifest_lib
 from data_pipelines import phonemes as phonemes_lib
 from data_pipelines import storage
 
 # Utterances shorter than this hold no usable frame; dropped when indexing.
 MIN_UTTERANCE_SAMPLES = 1600
-
-# glibc `mallopt` parameters (malloc.h).
-_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3
-
-
-def keep_heap_pad(nbytes: int = 64 << 20) -> None:
-  """Asks glibc's malloc to keep `nbytes` of freed heap rather than return it,
-  and to serve arrays of up to 32 MB (a batch) from the heap, not from mmap.
-
-  An example allocates and frees tens of arrays of 0.1-1 MB. By default the
-  heap is trimmed after the frees (or the array unmapped) and grown again by
-  the next example, and the page faults of that regrowth cost a quarter of an
-  augmented example's CPU time (measured: ~410 -> ~500 mixtures per
-  CPU-second). Process-wide; a no-op where the C library has no `mallopt`.
-  """
-  try:
-    libc = ctypes.CDLL(None)
-    libc.mallopt(_M_TOP_PAD, nbytes)
-    libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-  except (OSError, AttributeError):
-    pass
-
 
 @dataclasses.dataclass(frozen=True)
 class MixtureConfig:
@@ -365,7 +343,7 @@ class MixtureTransform(grain.transforms.RandomMap):
                augment: augment_lib.AugmentConfig | None = None):
     self.store, self.index, self.cfg = store, index, cfg
     self.skips: collections.Counter = collections.Counter()
-    keep_heap_pad()
+    host_memory.keep_heap_pad()
     self.augment = augment if augment is not None and augment.enabled else None
     self.banks = None
     if self.augment is not None:
@@ -375,7 +353,7 @@ class MixtureTransform(grain.transforms.RandomMap):
 
   def __setstate__(self, state):
     self.__dict__.update(state)
-    keep_heap_pad()       # In each worker process the transform is sent to.
+    host_memory.keep_heap_pad()  # In each worker the transform is sent to.
 
   def random_map(self, element: int, rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
@@ -458,7 +436,8 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
   ds = ds[shard_index::shard_count]
   if keys is not None:
     ds = ds.map(SelectKeys(keys))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=True,
+                batch_fn=host_memory.stack_batch)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=0 if num_workers > 0 else read_threads,
       prefetch_buffer_size=2))
@@ -468,6 +447,7 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
       # nobody parsed them, so take the defaults.
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=2))
+        num_workers=num_workers, per_worker_buffer_size=2),
+        worker_init_fn=host_memory.in_worker)
   return it_ds
 
