@@ -75,7 +75,14 @@ def _shared_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 def stack_batch(examples: Sequence[dict[str, np.ndarray]]
                 ) -> dict[str, np.ndarray]:
   """Batch of flat example dicts (grain's `batch_fn`): `np.stack` per key, into
-  shared memory inside a grain worker."""
+  shared memory inside a grain worker.
+
+  It must be the worker's last step: grain ships a shared array as it is and
+  the main process unlinks it once read; an array a later worker-side map
+  replaced would never be unlinked. grain's own shared-memory batching
+  (`enable_shared_memory_output`) creates its arrays inside the stack, so
+  their pages could not be mapped before the write.
+  """
   batch = {}
   for key in examples[0]:
     leaves = [np.asarray(e[key]) for e in examples]
