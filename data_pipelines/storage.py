@@ -44,9 +44,16 @@ class ShardError(OSError, ValueError):
   """
 
 
-def to_int16(audio: np.ndarray) -> np.ndarray:
-  """float waveform in [-1, 1] -> int16 (clipped)."""
-  return np.clip(np.round(audio * INT16_SCALE), -32768, 32767).astype(np.int16)
+def to_int16(audio: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """float waveform in [-1, 1] -> int16 (rounded, clipped; into `out` when
+  given)."""
+  scaled = audio * INT16_SCALE
+  np.round(scaled, out=scaled)
+  np.clip(scaled, -32768, 32767, out=scaled)
+  if out is None:
+    return scaled.astype(np.int16)
+  np.copyto(out, scaled, casting="unsafe")  # Exact: integers in range.
+  return out
 
 
 def to_float(samples: np.ndarray, out: np.ndarray | None = None

@@ -18,7 +18,7 @@ from data_pipelines import manifest as manifest_lib
 from data_pipelines import mixtures
 
 STREAM_FIELDS = ("manifest", "corpus_size", "batch_size", "num_workers",
-                 "augment")
+                 "wire_dtype", "augment")
 
 
 def resolve_manifest(data_config) -> str:
@@ -72,4 +72,5 @@ def stage_stream(data_config, manifest_path: str, keys: Sequence[str], *,
       batch_size=data_config.batch_size // shard_count,
       shard_index=shard_index, shard_count=shard_count,
       num_workers=data_config.num_workers, keys=tuple(keys),
-      augment=augment_config(data_config))
+      augment=augment_config(data_config),
+      wire_dtype=data_config.get("wire_dtype", "int16"))

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from data_pipelines import manifest as manifest_lib
+from data_pipelines import storage
 from data_pipelines import stream
 from echo_jax import checkpointing, losses, metric_writer, optimizer
 from echo_jax import preemption as preemption_lib
@@ -68,6 +69,13 @@ def init_state(model: EchoModel, config, num_samples: int) -> dict:
           "opt_state": tx.init(params), "rng": step_rng}
 
 
+def widen_batch(batch: dict) -> dict:
+  """The stream's int16 PCM waveforms (`config.data.wire_dtype`) as float32
+  in [-1, 1), exactly as `storage.to_float` scales them."""
+  return {k: (v.astype(jnp.float32) * (1.0 / storage.INT16_SCALE)
+              if v.dtype == jnp.int16 else v) for k, v in batch.items()}
+
+
 def make_train_step(model: EchoModel, config):
   """`train_step(state, batch, failed_at) -> (state, metrics, failed_at)`.
 
@@ -81,6 +89,7 @@ def make_train_step(model: EchoModel, config):
   tx = optimizer.make_optimizer(config)
 
   def train_step(state: dict, batch: dict, failed_at: jax.Array):
+    batch = widen_batch(batch)
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
     loss_fn = functools.partial(losses.stage_loss, model, config.objective)

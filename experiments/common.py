@@ -33,7 +33,9 @@ def _data() -> dict:
   augment = dataclasses.asdict(augment_lib.AugmentConfig(enabled=True))
   return dict(manifest="",               # "" = the embedded default corpus.
               corpus_size="default",     # Embedded corpus size then.
-              batch_size=256, num_workers=16, augment=augment, **mixture)
+              batch_size=256, num_workers=16,
+              wire_dtype="int16",        # Waveforms in batches; see mixtures.
+              augment=augment, **mixture)
 
 
 def base(variant: str | None) -> ml_collections.ConfigDict:

@@ -4,6 +4,7 @@ import grain
 import numpy as np
 
 from data_pipelines import host_memory
+from data_pipelines import storage
 
 
 def _examples(count=3):
@@ -42,3 +43,25 @@ def test_in_a_worker_batches_are_shared_memory(monkeypatch):
   assert shared == {"mixture", "speakers", "skipped"}  # Not the empty one.
   for key in shared:
     batch[key].unlink_on_del()   # What the main process does once read.
+
+
+def test_pcm16_keys_are_stacked_as_int16(monkeypatch):
+  examples = _examples()
+  for worker in (False, True):
+    monkeypatch.setattr(host_memory, "_IN_WORKER", worker)
+    batch = host_memory.stack_batch(examples,
+                                    pcm16_keys=("mixture", "speakers"))
+    assert batch["mixture"].dtype == np.int16
+    assert (isinstance(batch["mixture"], grain.multiprocessing.SharedMemoryArray)
+            == worker)
+    np.testing.assert_array_equal(
+        batch["mixture"],
+        storage.to_int16(np.stack([e["mixture"] for e in examples])))
+    # Integer entries are not waveforms: as they were.
+    _assert_stacked({k: v for k, v in batch.items() if k != "mixture"},
+                    [{k: v for k, v in e.items() if k != "mixture"}
+                     for e in examples])
+    if worker:
+      for value in batch.values():
+        if isinstance(value, grain.multiprocessing.SharedMemoryArray):
+          value.unlink_on_del()

@@ -299,6 +299,20 @@ def test_batches_and_num_speakers(corpus):
   assert not np.array_equal(batch["mixture"], other["mixture"])
 
 
+def test_waveforms_travel_as_pcm16(corpus):
+  exact = next(iter(_dataset(corpus, wire_dtype="float32")))
+  pcm = next(iter(_dataset(corpus)))  # The default: int16.
+  assert exact["mixture"].dtype == np.float32
+  for key in ("mixture", "sources"):
+    assert pcm[key].dtype == np.int16
+    np.testing.assert_array_equal(pcm[key], storage.to_int16(exact[key]))
+    np.testing.assert_allclose(storage.to_float(pcm[key]), exact[key], rtol=0,
+                               atol=0.5 / storage.INT16_SCALE)
+  np.testing.assert_array_equal(pcm["activity"], exact["activity"])
+  with pytest.raises(ValueError, match="wire_dtype"):
+    _dataset(corpus, wire_dtype="float16")
+
+
 def test_selected_keys_are_the_same_entries(corpus):
   keys = ("mixture", "activity", "speakers")
   full = _take(iter(_dataset(corpus)), 2)

@@ -240,6 +240,15 @@ def test_int16_float_conversions_invert_each_other():
   storage.to_float(every, out=row[1:-1])  # In place, nothing else touched.
   np.testing.assert_array_equal(row[1:-1], as_float)
   assert row[0] == row[-1] == 7.0
+  pcm = np.full(len(every) + 2, 7, np.int16)
+  storage.to_int16(as_float, out=pcm[1:-1])
+  np.testing.assert_array_equal(pcm[1:-1], every)
+  assert pcm[0] == pcm[-1] == 7
+  # Rounded to the nearest step, clipped at full scale.
+  np.testing.assert_array_equal(
+      storage.to_int16(np.float32([0.4, 0.6, -1.5, 1.0, 2.0]) / 32768 *
+                       np.float32([1, 1, 1, 32768, 32768])),
+      [0, 1, -2, 32767, 32767])
 
 
 def test_alignment_copied(prepared):

@@ -216,6 +216,18 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
   assert sorted(read_losses(str(tmp_path))) == [1, 2, 3]
 
 
+def test_widen_batch_scales_pcm16_waveforms_only():
+  from data_pipelines import storage
+  pcm = np.array([[-32768, -1, 0, 1, 32767]], np.int16)
+  batch = {"mixture": jnp.asarray(pcm), "speakers": jnp.array([[3, -1]]),
+           "activity": jnp.ones((1, 2))}
+  wide = trainer.widen_batch(batch)
+  assert wide["mixture"].dtype == jnp.float32
+  np.testing.assert_array_equal(wide["mixture"], storage.to_float(pcm))
+  for key in ("speakers", "activity"):
+    assert wide[key] is batch[key]
+
+
 def test_stage_loss_adds_the_cross_crop_term():
   config = smoke_config(**{"objective.crop.weight": 0.7})
   model = build_model(config)

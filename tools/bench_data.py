@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
                       "the workers, or 'all'. Default: what stages 1-3 "
                       "train on (stage 4 adds sources, i.e. K x the "
                       "mixture's bytes).")
+  parser.add_argument("--wire-dtype", default="int16",
+                      choices=mixtures.WIRE_DTYPES,
+                      help="dtype the batches carry waveforms in "
+                      "(config.data.wire_dtype).")
   parser.add_argument("--augment", action="store_true",
                       help="Room / noise / channel augmentation on, with the "
                       "training defaults (data_pipelines/augment.py).")
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                                 num_workers=args.workers,
                                 keys=(None if args.keys == "all"
                                       else args.keys.split(",")),
-                                augment=augment if args.augment else None)
+                                augment=augment if args.augment else None,
+                                wire_dtype=args.wire_dtype)
   it = iter(ds)
   next(it)  # Start-up (worker spawn, index pickling) is not throughput,
   start = time.perf_counter()  # nor is the first touch of each page.
@@ -196,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
   print(f"{count} mixtures ({args.clip_seconds:g} s clips, K<={args.k_max}, "
         f"batch {args.batch_size}) in {elapsed:.1f} s wall after "
         f"{args.warmup_seconds:g} s warm-up, {cpu:.1f} CPU-s "
-        f"(workers={args.workers}, os.cpu_count()={os.cpu_count()}):\n"
+        f"(workers={args.workers}, {args.wire_dtype} waveforms, "
+        f"os.cpu_count()={os.cpu_count()}):\n"
         f"  {rate:.0f} mixtures/s total, "
         f"{rate / max(args.workers, 1):.0f} per worker, "
         f"{count / cpu:.0f} per CPU-second (main process + workers).")
