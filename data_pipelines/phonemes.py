@@ -98,7 +98,7 @@ class PhonemeInventory:
     return cls.from_symbols(symbols)
 
   def save(self, path: str) -> None:
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # Parallel runs may save at once.
     with open(tmp, "w") as f:
       json.dump({"symbols": list(self.symbols),
                  "unknown_id": UNKNOWN, "silence_id": SILENCE}, f, indent=1)
