@@ -46,6 +46,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipelines import mixtures
+from data_pipelines import storage
 from data_pipelines.framing import HOP
 from echo_jax import losses, sharding, trainer
 from echo_jax.model import build_model, clip_samples, param_count
@@ -88,8 +90,8 @@ DATASHEET_TFLOPS = {
 
 
 def synthetic_batch(config, batch_size: int) -> dict:
-  """Random entries of the shapes the stream gives, for the keys the stage's
-  terms read."""
+  """Random entries of the shapes and dtypes the stream gives, for the keys
+  the stage's terms read."""
   rng = np.random.default_rng(0)
   n = clip_samples(config)
   k = config.data.k_max
@@ -105,8 +107,12 @@ def synthetic_batch(config, batch_size: int) -> dict:
   }
   dtypes = {"speakers": np.int32, "phonemes": np.int32,
             "num_speakers": np.int32}
-  return {key: make[key]().astype(dtypes.get(key, np.float32))
-          for key in losses.batch_keys(config.objective)}
+  batch = {key: make[key]().astype(dtypes.get(key, np.float32))
+           for key in losses.batch_keys(config.objective)}
+  if config.data.get("wire_dtype", "int16") == "int16":  # As the stream ships.
+    batch.update({k: storage.to_int16(v) for k, v in batch.items()
+                  if k in mixtures.WAVEFORM_KEYS})
+  return batch
 
 
 def _vit_token_flops(width: int, mlp: int, tokens: int) -> float:
