@@ -14,7 +14,7 @@ pages is a large part of that unless the processes keep their pages:
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
