@@ -399,6 +399,14 @@ class SelectKeys(grain.transforms.Map):
 # Example entries that are waveforms: shipped in the stream's `wire_dtype`.
 WAVEFORM_KEYS = ("mixture", "clean", "sources")
 WIRE_DTYPES = ("int16", "float32")
+DEFAULT_WIRE_DTYPE = "int16"
+
+
+def pcm16_keys(wire_dtype: str) -> tuple[str, ...]:
+  """The entries a stream with `wire_dtype` ships as int16 PCM."""
+  if wire_dtype not in WIRE_DTYPES:
+    raise ValueError(f"wire_dtype={wire_dtype!r}; choose from {WIRE_DTYPES}.")
+  return WAVEFORM_KEYS if wire_dtype == "int16" else ()
 
 
 def example_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
@@ -423,7 +431,7 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
                     index: MixtureIndex | None = None,
                     keys: Sequence[str] | None = None,
                     augment: augment_lib.AugmentConfig | None = None,
-                    wire_dtype: str = "int16") -> grain.IterDataset:
+                    wire_dtype: str = DEFAULT_WIRE_DTYPE) -> grain.IterDataset:
   """Batched mixture stream of one host: dicts of `[batch_size, ...]` arrays.
 
   Args:
@@ -446,8 +454,7 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"Need 0 <= shard_index < shard_count; found "
                      f"{shard_index}, {shard_count}.")
-  if wire_dtype not in WIRE_DTYPES:
-    raise ValueError(f"wire_dtype={wire_dtype!r}; choose from {WIRE_DTYPES}.")
+  shipped_as_pcm16 = pcm16_keys(wire_dtype)
   ds = example_dataset(manifest_path, split, cfg, seed=seed,
                        num_epochs=num_epochs, index=index, augment=augment)
   # Batching the MapDataset keeps batch i = examples [i*B, (i+1)*B) of this
@@ -457,9 +464,8 @@ def mixture_dataset(manifest_path: str, split: str, cfg: MixtureConfig, *,
   if keys is not None:
     ds = ds.map(SelectKeys(keys))
   ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=functools.partial(
-                    host_memory.stack_batch,
-                    pcm16_keys=WAVEFORM_KEYS if wire_dtype == "int16" else ()))
+                batch_fn=functools.partial(host_memory.stack_batch,
+                                           pcm16_keys=shipped_as_pcm16))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=0 if num_workers > 0 else read_threads,
       prefetch_buffer_size=2))

@@ -73,4 +73,4 @@ def stage_stream(data_config, manifest_path: str, keys: Sequence[str], *,
       shard_index=shard_index, shard_count=shard_count,
       num_workers=data_config.num_workers, keys=tuple(keys),
       augment=augment_config(data_config),
-      wire_dtype=data_config.get("wire_dtype", "int16"))
+      wire_dtype=data_config.get("wire_dtype", mixtures.DEFAULT_WIRE_DTYPE))

@@ -34,7 +34,8 @@ def _data() -> dict:
   return dict(manifest="",               # "" = the embedded default corpus.
               corpus_size="default",     # Embedded corpus size then.
               batch_size=256, num_workers=16,
-              wire_dtype="int16",        # Waveforms in batches; see mixtures.
+              # How batches carry the waveforms; see mixtures.
+              wire_dtype=mixtures.DEFAULT_WIRE_DTYPE,
               augment=augment, **mixture)
 
 

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                       "the workers, or 'all'. Default: what stages 1-3 "
                       "train on (stage 4 adds sources, i.e. K x the "
                       "mixture's bytes).")
-  parser.add_argument("--wire-dtype", default="int16",
+  parser.add_argument("--wire-dtype", default=mixtures.DEFAULT_WIRE_DTYPE,
                       choices=mixtures.WIRE_DTYPES,
                       help="dtype the batches carry waveforms in "
                       "(config.data.wire_dtype).")

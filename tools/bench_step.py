@@ -109,9 +109,10 @@ def synthetic_batch(config, batch_size: int) -> dict:
             "num_speakers": np.int32}
   batch = {key: make[key]().astype(dtypes.get(key, np.float32))
            for key in losses.batch_keys(config.objective)}
-  if config.data.get("wire_dtype", "int16") == "int16":  # As the stream ships.
-    batch.update({k: storage.to_int16(v) for k, v in batch.items()
-                  if k in mixtures.WAVEFORM_KEYS})
+  shipped_as_pcm16 = mixtures.pcm16_keys(
+      config.data.get("wire_dtype", mixtures.DEFAULT_WIRE_DTYPE))
+  batch.update({k: storage.to_int16(batch[k]) for k in shipped_as_pcm16
+                if k in batch})
   return batch
 
 
