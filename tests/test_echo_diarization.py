@@ -255,6 +255,40 @@ def test_blind_der_and_oracle_activity(diarizer, tmp_path):
   assert rescored[scoring.collar_key(0.0)]["der"] == pytest.approx(
       blind["der"], abs=1e-3)
   assert os.path.exists(os.path.join(out_dir, "results.json"))
+  # The per-mixture parts add up to the pooled numbers, and a run compared
+  # with itself differs by nothing.
+  per_file = results["blind_per_file_c0"]
+  assert len(per_file) == 3
+  for part in ("missed", "false_alarm", "confusion", "total"):
+    assert sum(f[part] for f in per_file.values()) == pytest.approx(
+        blind[part], abs=1e-9)
+  assert diarization_eval.der_difference(results, results) == dict(
+      difference=0.0, low=0.0, high=0.0)
+
+
+def _per_file(errors_and_totals):
+  return {"blind_per_file_c0": {
+      f"mix{i}": dict(missed=e, false_alarm=0.0, confusion=0.0, total=t)
+      for i, (e, t) in enumerate(errors_and_totals)}}
+
+
+def test_der_difference_hand_cases():
+  # Every mixture 2 s worse out of 10 s: any resample differs by 0.2.
+  base = _per_file([(1.0, 10.0), (4.0, 10.0), (0.0, 10.0)])
+  worse = _per_file([(3.0, 10.0), (6.0, 10.0), (2.0, 10.0)])
+  d = diarization_eval.der_difference(base, worse)
+  assert d["difference"] == pytest.approx(0.2)
+  assert d["low"] == pytest.approx(0.2) and d["high"] == pytest.approx(0.2)
+  # Two mixtures: pooled difference 7/40 - 4/40. A paired resample is
+  # {a, a} (1/4: 8/20 - 2/20 = 0.3), {b, b} (1/4: 0) or one of each
+  # (1/2: 0.075), so the 2.5th and 97.5th percentiles are 0 and 0.3.
+  base = _per_file([(1.0, 10.0), (3.0, 30.0)])
+  other = _per_file([(4.0, 10.0), (3.0, 30.0)])
+  d = diarization_eval.der_difference(base, other)
+  assert d["difference"] == pytest.approx(0.075)
+  assert d["low"] == pytest.approx(0.0) and d["high"] == pytest.approx(0.3)
+  with pytest.raises(ValueError, match="same mixtures"):
+    diarization_eval.der_difference(base, _per_file([(1.0, 10.0)]))
 
 
 def test_evaluator_interface_and_eval_tool(diarizer, workdirs, tmp_path):

@@ -182,3 +182,11 @@ def test_der_table_of_a_model_without_router():
   table = timeline.der_table(results)
   assert table.count("<td>blind</td>") == 2
   assert "overlap_aware" not in table and "25.0%" in table
+
+
+def test_condition_summary_gives_each_gap_with_its_interval():
+  by_condition = {"clean": {"der/blind_c0_der": 0.368},
+                  "snr10": {"der/blind_c0_der": 0.431}}
+  gaps = {"snr10": dict(difference=0.063, low=0.041, high=0.086)}
+  line = evaluations.condition_summary(by_condition, gaps)
+  assert line.endswith("clean 36.8%, snr10 43.1% (+6.3 [+4.1, +8.6])")

@@ -60,8 +60,9 @@ def _save(out_dir: str, record: dict) -> dict:
 # Part of the diarization record's cache key: bump it when a code change
 # alters the diarization of a checkpoint, so cached records are redone.
 # 2: the speech detector's last chunk ends at the recording's end; pauses
-# under 0.3 s are filled in hypotheses.
-DIARIZATION_REVISION = 2
+# under 0.3 s are filled in hypotheses. 3: each condition's difference from
+# clean with its paired-bootstrap interval.
+DIARIZATION_REVISION = 3
 
 
 def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
@@ -98,6 +99,7 @@ def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
   # The same mixtures under noise / a room / a telephone channel, scored
   # against the same clean labels (RTTMs in out_dir/<condition>).
   by_condition = {"clean": diarization_eval.flat_metrics(results, "der")}
+  gaps = {}
   for condition in conditions:
     if condition == "clean":
       continue
@@ -105,15 +107,30 @@ def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
         diarizer, manifest, k_max=k_max, condition=condition,
         out_dir=os.path.join(out_dir, condition), **settings)
     by_condition[condition] = diarization_eval.flat_metrics(r, "der")
+    gaps[condition] = diarization_eval.der_difference(results, r)
     _log.info("Diarization of %s, %s:\n%s", run.stage.name, condition,
               diarization_eval.format_report(r))
-  summary = ["Blind DER at collar 0 by condition (same held-out mixtures): "
-             + ", ".join(f"{c} {100 * m['der/blind_c0_der']:.1f}%"
-                         for c, m in by_condition.items())]
+  summary = [condition_summary(by_condition, gaps)]
   return _save(out_dir, dict(key=key, stage=run.stage.name, dir=out_dir,
                              results=results, conditions=by_condition,
+                             gaps=gaps,
                              summary=summary if len(by_condition) > 1
                              else []))
+
+
+def condition_summary(by_condition: dict, gaps: dict) -> str:
+  """One line: blind DER at collar 0 per condition, and each condition's
+  difference from clean with its interval (`der_difference`), in points."""
+  cells = []
+  for condition, metrics in by_condition.items():
+    cell = f"{condition} {100 * metrics['der/blind_c0_der']:.1f}%"
+    if condition in gaps:
+      g = {k: 100 * v for k, v in gaps[condition].items()}
+      cell += f" ({g['difference']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}])"
+    cells.append(cell)
+  return ("Blind DER at collar 0 by condition, same held-out mixtures (against"
+          " clean: difference [95% paired-bootstrap interval over the"
+          " mixtures]): " + ", ".join(cells))
 
 
 # Per variant: held-out mixtures of the stage's clip length (seconds each on
