@@ -1,7 +1,7 @@
 r"""Blind DER of a stage-2 (or later) Echo checkpoint on held-out mixtures.
 
   python -m tools.eval_diarization --workdir runs/cpu/stage2 \
-      --num_mixtures 50 --json out.json [--out_dir eval_rttm] [--seconds 10] \
+      --num_mixtures 200 --json out.json [--out_dir eval_rttm] [--seconds 10] \
       [--condition snr10]
 
 Mixtures of held-out speakers with unknown K in [k_min, k_max] from the
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--manifest", default=None,
                       help="corpus: PLDA on its train speakers, mixtures of"
                       " its held-out ones (default: the checkpoint's corpus)")
-  parser.add_argument("--num_mixtures", type=int, default=50)
+  parser.add_argument("--num_mixtures", type=int, default=200)
   parser.add_argument("--seconds", type=float, default=10.0,
                       help="mixture length (several 1.5 s windows)")
   parser.add_argument("--k_min", type=int, default=1)
