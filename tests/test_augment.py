@@ -116,6 +116,37 @@ def test_frames_buried_under_the_noise_are_not_speech():
   np.testing.assert_array_equal(activity[0, :4], 1)   # Input untouched.
 
 
+def test_bridge_fills_inner_gaps_only():
+  mask = np.array([[0, 1, 0, 0, 1, 0, 0, 0, 1, 0],
+                   [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], bool)
+  # Gaps of 2 and 3 frames between True ones; the edges are not gaps.
+  np.testing.assert_array_equal(augment.bridge_gaps(mask, 0), mask)
+  np.testing.assert_array_equal(augment.bridge_gaps(mask, 2)[0],
+                                [0, 1, 1, 1, 1, 0, 0, 0, 1, 0])
+  np.testing.assert_array_equal(augment.bridge_gaps(mask, 3)[0],
+                                [0, 1, 1, 1, 1, 1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(augment.bridge_gaps(mask, 9)[1], 0)
+
+
+def test_buried_frames_inside_a_turn_stay_speech():
+  hop = framing.HOP
+  activity = np.zeros((1, 8), np.float32)
+  activity[0, :7] = 1.0
+  activity[0, 4] = 0.0                      # A pause in the dry source.
+  # Audible, buried, audible, buried, pause, audible, buried, silent.
+  amps = [1.0, 0.01, 1.0, 0.01, 0.0, 1.0, 0.01, 0.0]
+  sources = np.repeat(np.float32(amps), hop)[None]
+  noise = np.ones(8 * hop, np.float32)
+  plain = augment.audible_activity(activity, sources, noise, -10.0)
+  np.testing.assert_array_equal(plain[0], [1, 0, 1, 0, 0, 1, 0, 0])
+  bridged = augment.audible_activity(activity, sources, noise, -10.0, 3)
+  # Frame 1 lies between audible frames; frame 3 too, but its neighbour is
+  # a dry pause, which stays a pause; frame 6 ends the turn buried.
+  np.testing.assert_array_equal(bridged[0], [1, 1, 1, 1, 0, 1, 0, 0])
+  with pytest.raises(ValueError, match="bridge_buried_seconds"):
+    augment.AugmentConfig(bridge_buried_seconds=-0.1)
+
+
 def test_noisy_examples_label_only_audible_speech(manifest, index):
   quiet = dict(p_reverb=0.0, p_eq=0.0, p_bandlimit=0.0, p_telephone=0.0,
                gain_db=0.0, p_noise_only=0.0)
