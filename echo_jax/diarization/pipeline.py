@@ -22,6 +22,7 @@ import numpy as np
 import scipy.ndimage
 
 from data_pipelines import audio_io
+from data_pipelines import augment
 # Speech-activity frames and output resolution: the shared 10 ms hop.
 from data_pipelines.framing import FRAME_SECONDS, SAMPLE_RATE
 from data_pipelines.framing import HOP as _SAMPLES_PER_FRAME
@@ -95,14 +96,8 @@ def fill_short_pauses(activity: np.ndarray, max_pause_frames: int
                       ) -> np.ndarray:
   """[K, F] activity with each row's inner inactive runs shorter than
   `max_pause_frames` set active (leading/trailing silence is kept)."""
-  filled = np.asarray(activity) > 0.5  # A new array: the input is not touched.
-  for row in filled:
-    edges = np.diff(np.concatenate([[1], row.astype(np.int8), [1]]))
-    starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
-    for a, b in zip(starts, ends):
-      if 0 < a and b < len(row) and b - a < max_pause_frames:
-        row[a:b] = True
-  return filled.astype(np.float32)
+  return augment.bridge_gaps(np.asarray(activity) > 0.5,
+                             max_pause_frames - 1).astype(np.float32)
 
 
 def speech_regions(probs: np.ndarray, cfg: DiarizationConfig
