@@ -98,6 +98,7 @@ class AugmentConfig:
   snr_db: tuple[float, float] = (0.0, 25.0)
   noise_kinds: tuple[str, ...] = ("coloured", "babble", "hum")
   noise_dir: str = ""           # MUSAN layout; adds the kind "files".
+  noise_babble: float = 1.0     # Babble's weight among the other kinds.
   bank_clips: int = 16          # Clips per noise kind in the bank.
   bank_seconds: float = 6.0     # Length of each bank clip.
   p_noise_only: float = 0.1
@@ -125,9 +126,10 @@ class AugmentConfig:
     if self.bridge_buried_seconds < 0:
       raise ValueError("augment.bridge_buried_seconds must be >= 0, found "
                        f"{self.bridge_buried_seconds}.")
-    if self.noise_only_babble < 0:
-      raise ValueError("augment.noise_only_babble is a weight (>= 0), found "
-                       f"{self.noise_only_babble}.")
+    for name in ("noise_babble", "noise_only_babble"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"augment.{name} is a weight (>= 0), found "
+                         f"{getattr(self, name)}.")
     for name in ("rt60", "snr_db", "noise_only_level_db"):
       lo, hi = getattr(self, name)
       if lo > hi:
@@ -149,12 +151,13 @@ class AugmentConfig:
     return tuple(k for k in self.kinds
                  if self.noise_only_babble > 0 or k != "babble")
 
-  def pick_noise_only_kind(self, rng: np.random.Generator) -> str:
-    """A kind of `noise_only_kinds`, babble weighted by
-    `noise_only_babble` against 1 for each other kind."""
-    kinds = self.noise_only_kinds
-    weights = np.array([self.noise_only_babble if k == "babble" else 1.0
-                        for k in kinds])
+  def pick_noise_kind(self, rng: np.random.Generator,
+                      noise_only: bool = False) -> str:
+    """A kind of `kinds` (or `noise_only_kinds`), babble weighted by
+    `noise_babble` (or `noise_only_babble`) against 1 for each other kind."""
+    kinds = self.noise_only_kinds if noise_only else self.kinds
+    babble = self.noise_only_babble if noise_only else self.noise_babble
+    weights = np.array([babble if k == "babble" else 1.0 for k in kinds])
     if np.all(weights == weights[0]):   # Uniform: one integer draw.
       return kinds[int(rng.integers(len(kinds)))]
     return kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
@@ -654,13 +657,13 @@ def augment_example(ex: dict[str, np.ndarray], cfg: AugmentConfig,
     mixture = sources[:k].sum(axis=0)
 
   if k == 0 and ex.get("noise_only", False) and cfg.noise_only_kinds:
-    kind = cfg.pick_noise_only_kind(rng)
+    kind = cfg.pick_noise_kind(rng, noise_only=True)
     noise = banks.training_clip(kind, n, rng, noise_only=True)
     level = 10.0 ** (rng.uniform(*cfg.noise_only_level_db) / 20.0)
     mixture = (np.float32(level / np.sqrt(max(power(noise), 1e-20)))
                * noise).astype(np.float32, copy=False)
   elif k and rng.random() < cfg.p_noise:
-    kind = cfg.kinds[int(rng.integers(len(cfg.kinds)))]
+    kind = cfg.pick_noise_kind(rng)
     # A per-frame mask: `power` sums frame energies, no masked copies.
     noise = scale_noise(mixture, banks.training_clip(kind, n, rng),
                         rng.uniform(*cfg.snr_db), activity.max(axis=0))

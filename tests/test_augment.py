@@ -184,18 +184,21 @@ def test_noise_only_babble_is_background_unless_switched_off(manifest, index):
   assert not ex["mixture"].any() and not ex["activity"].any()
 
 
-def test_noise_only_babble_weight_sets_babble_share():
+@pytest.mark.parametrize("noise_only", [True, False])
+def test_babble_weight_sets_babble_share(noise_only):
+  name = "noise_only_babble" if noise_only else "noise_babble"
+
   def babble_share(weight):
     cfg = augment.AugmentConfig(noise_kinds=("coloured", "babble", "hum"),
-                                noise_only_babble=weight)
-    picks = [cfg.pick_noise_only_kind(np.random.default_rng(i))
+                                **{name: weight})
+    picks = [cfg.pick_noise_kind(np.random.default_rng(i), noise_only)
              for i in range(3000)]
     return picks.count("babble") / len(picks)
   assert abs(babble_share(1.0) - 1 / 3) < 0.03
   assert abs(babble_share(3.0) - 3 / 5) < 0.03
   assert babble_share(0.0) == 0.0
-  with pytest.raises(ValueError, match="noise_only_babble"):
-    augment.AugmentConfig(noise_only_babble=-1.0)
+  with pytest.raises(ValueError, match=name):
+    augment.AugmentConfig(**{name: -1.0})
 
 
 def best_crop_match(clip, x):
