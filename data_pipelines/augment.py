@@ -709,6 +709,13 @@ def speech_samples(wave: np.ndarray, rel_db: float = -35.0,
   return mask
 
 
+def condition_noise_kind(banks: Banks, rng: np.random.Generator) -> str:
+  """The noise kind of a noisy condition: `apply_condition`'s first draw, so
+  an rng seeded alike tells which kind a condition added."""
+  kinds = sorted(banks.noise)
+  return kinds[int(rng.integers(len(kinds)))]
+
+
 def apply_condition(wave: np.ndarray, condition: str, banks: Banks,
                     rng: np.random.Generator,
                     speech_mask: np.ndarray | None = None) -> np.ndarray:
@@ -718,9 +725,7 @@ def apply_condition(wave: np.ndarray, condition: str, banks: Banks,
   if condition == "clean":
     return wave
   if condition.startswith("snr"):
-    kinds = sorted(banks.noise)
-    noise = banks.noise_clip(kinds[int(rng.integers(len(kinds)))], len(wave),
-                             rng)
+    noise = banks.noise_clip(condition_noise_kind(banks, rng), len(wave), rng)
     mask = speech_samples(wave) if speech_mask is None else speech_mask
     return add_noise(wave, noise, float(condition[3:]), mask)
   if condition == "reverb":

@@ -18,6 +18,7 @@ from echo_jax import diarizer as diarizer_lib
 from echo_jax.diarization import pipeline, rttm, scoring
 from echo_jax.evaluators import diarization_eval
 from experiments import stage1_jepa, stage2_speaker
+from tools import der_gap
 from tools import diarize as diarize_tool
 from tools import eval_diarization
 from tools import score_rttm
@@ -291,6 +292,22 @@ def test_der_difference_hand_cases():
     diarization_eval.der_difference(base, _per_file([(1.0, 10.0)]))
 
 
+def test_der_difference_by_noise_kind_splits_the_mixtures():
+  base = _per_file([(1.0, 10.0), (1.0, 10.0), (2.0, 10.0), (9.0, 10.0)])
+  other = _per_file([(6.0, 10.0), (4.0, 10.0), (2.0, 10.0), (9.0, 10.0)])
+  for f, kind in zip(sorted(other["blind_per_file_c0"]),
+                     ("babble", "babble", "hum", "hum")):
+    other["blind_per_file_c0"][f]["noise_kind"] = kind
+  gaps = diarization_eval.der_difference_by_noise_kind(base, other)
+  assert list(gaps) == ["babble", "hum"]
+  # babble: (6 + 4 - 1 - 1) / 20; hum: nothing changed.
+  assert gaps["babble"]["difference"] == pytest.approx(0.4)
+  assert gaps["babble"]["num_mixtures"] == 2
+  assert gaps["hum"] == dict(difference=0.0, low=0.0, high=0.0,
+                             num_mixtures=2)
+  assert diarization_eval.der_difference_by_noise_kind(base, base) == {}
+
+
 def test_evaluator_interface_and_eval_tool(diarizer, workdirs, tmp_path):
   config = ml_collections.ConfigDict(dict(
       type="diarization", every=5, num_mixtures=2, seconds=6.0,
@@ -310,13 +327,22 @@ def test_evaluator_interface_and_eval_tool(diarizer, workdirs, tmp_path):
       "--workdir", workdirs[1], "--num_mixtures", "2", "--seconds", "6",
       "--k_max", "2", "--json", json_path])
   assert os.path.exists(json_path) and results["num_mixtures"] == 2
+  noisy_path = str(tmp_path / "snr0.json")
   noisy = eval_diarization.main([
       "--workdir", workdirs[1], "--num_mixtures", "2", "--seconds", "6",
-      "--k_max", "2", "--condition", "snr0"])
+      "--k_max", "2", "--condition", "snr0", "--json", noisy_path])
   # The same mixtures under noise, scored against the same clean reference.
   assert noisy["condition"] == "snr0" and results["condition"] == "clean"
   assert noisy["blind"]["collar_0.00"]["total"] == pytest.approx(
       results["blind"]["collar_0.00"]["total"])
+  # The gap between them, overall and per kind of noise added.
+  gaps = der_gap.main([json_path, noisy_path])
+  kinds = [r["noise_kind"] for r in noisy["blind_per_file_c0"].values()]
+  assert sum(g["num_mixtures"] for g in gaps["by_noise_kind"].values()) == 2
+  assert sorted(gaps["by_noise_kind"]) == sorted(set(kinds))
+  assert gaps["all"]["difference"] == pytest.approx(
+      noisy["blind"]["collar_0.00"]["der"]
+      - results["blind"]["collar_0.00"]["der"], abs=1e-9)
 
 
 def test_fill_short_pauses_hand_case():

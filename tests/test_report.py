@@ -190,3 +190,10 @@ def test_condition_summary_gives_each_gap_with_its_interval():
   gaps = {"snr10": dict(difference=0.063, low=0.041, high=0.086)}
   line = evaluations.condition_summary(by_condition, gaps)
   assert line.endswith("clean 36.8%, snr10 43.1% (+6.3 [+4.1, +8.6])")
+  kinds = {"snr10": {"babble": dict(difference=0.15, low=0.1, high=0.2,
+                                    num_mixtures=3),
+                     "hum": dict(difference=0.001, low=-0.01, high=0.02,
+                                 num_mixtures=2)}}
+  line = evaluations.condition_summary(by_condition, gaps, kinds)
+  assert line.endswith("snr10 43.1% (+6.3 [+4.1, +8.6]; babble (3) +15.0 "
+                       "[+10.0, +20.0]; hum (2) +0.1 [-1.0, +2.0])")

@@ -132,8 +132,13 @@ def test_heldout_mixtures_under_a_condition_keep_their_labels():
   kw = dict(seconds=3.0, k_min=1, k_max=2, seed=4)
   clean = HeldoutMixtures(manifest, **kw)
   noisy = HeldoutMixtures(manifest, condition="snr10", **kw)
+  added = []                      # The kind each example's noise came from.
+  noise_clip = noisy.banks.noise_clip
+  noisy.banks.noise_clip = lambda kind, *a: (added.append(kind)
+                                             or noise_clip(kind, *a))
   for i in range(3):
     a, b = clean.example(i), noisy.example(i)
+    assert b["noise_kind"] == added[-1] and "noise_kind" not in a
     np.testing.assert_array_equal(a["activity"], b["activity"])
     np.testing.assert_array_equal(a["sources"], b["sources"])
     mask = augment.frame_mask(a["activity"], len(a["mixture"]))

@@ -101,7 +101,7 @@ def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
   oracle_cfg = dataclasses.replace(diarizer.cfg, median_filter_frames=1,
                                    min_speech_seconds=0.0,
                                    min_pause_seconds=0.0)
-  reference, uem = {}, {}
+  reference, uem, noise_kinds = {}, {}, {}
   hypotheses = {v: {} for v in variants}
   overlap, num_speakers = 0.0, []
   tick = time.time()
@@ -111,6 +111,8 @@ def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
         example["activity"],
         round(pipeline.MIN_PAUSE_SECONDS / pipeline.FRAME_SECONDS))
     file_id = f"mix{i:05d}"
+    if "noise_kind" in example:
+      noise_kinds[file_id] = example["noise_kind"]
     reference[file_id] = reference_segments(example, file_id,
                                             heldout.speakers)
     uem[file_id] = [(0.0, cfg.num_samples / cfg.sample_rate)]
@@ -134,6 +136,7 @@ def evaluate_blind_der(diarizer: diarizer_lib.EchoDiarizer,
   results["blind_per_file_c0"] = {
       f: {k: r[c0][k] for k in ("missed", "false_alarm", "confusion",
                                 "total")}
+      | ({"noise_kind": noise_kinds[f]} if f in noise_kinds else {})
       for f, r in scores["blind"]["per_file"].items()}
   total = results["blind"][c0]["total"]
   results.update(
@@ -200,6 +203,25 @@ def der_difference(base: dict, other: dict, *, confidence: float = 0.95,
   ).confidence_interval
   return dict(difference=difference, low=float(interval.low),
               high=float(interval.high))
+
+
+def der_difference_by_noise_kind(base: dict, other: dict, **kwargs
+                                 ) -> dict[str, dict]:
+  """`der_difference` over the mixtures of each noise kind `other` added
+  (its per-mixture `noise_kind`; {} for a condition without noise), with
+  "num_mixtures" per kind: whether a noisy gap is one kind's or all's."""
+  by_kind: dict[str, list[str]] = {}
+  for f, r in other["blind_per_file_c0"].items():
+    if "noise_kind" in r:
+      by_kind.setdefault(r["noise_kind"], []).append(f)
+
+  def only(result, files):
+    return {"blind_per_file_c0": {f: result["blind_per_file_c0"][f]
+                                  for f in files if
+                                  f in result["blind_per_file_c0"]}}
+  return {kind: dict(der_difference(only(base, files), only(other, files),
+                                    **kwargs), num_mixtures=len(files))
+          for kind, files in sorted(by_kind.items())}
 
 
 def flat_metrics(results: dict, prefix: str) -> dict[str, float]:

@@ -27,7 +27,8 @@ class HeldoutMixtures:
     condition: one of `augment.CONDITIONS`, applied to the whole mixture
       (noise at the condition's SNR against its speech frames; "reverb": one
       room impulse response for the recording), a fixed draw per (seed, i);
-      sources and labels stay the clean ones.
+      sources and labels stay the clean ones. Under noise, examples name
+      the kind added (`noise_kind`).
   """
 
   def __init__(self, manifest_path: str, *, seconds: float, k_min: int,
@@ -64,9 +65,12 @@ class HeldoutMixtures:
     ex = mixtures.make_example(self.store, self.index, self.cfg,
                                np.random.default_rng((self.seed, i)))
     if self.banks is not None:
-      rng = np.random.default_rng(
-          (self.seed, i, augment.CONDITIONS.index(self.condition)))
+      seed = (self.seed, i, augment.CONDITIONS.index(self.condition))
       ex["mixture"] = augment.apply_condition(
-          ex["mixture"], self.condition, self.banks, rng,
+          ex["mixture"], self.condition, self.banks,
+          np.random.default_rng(seed),
           augment.frame_mask(ex["activity"], len(ex["mixture"])))
+      if self.condition.startswith("snr"):
+        ex["noise_kind"] = augment.condition_noise_kind(
+            self.banks, np.random.default_rng(seed))
     return ex

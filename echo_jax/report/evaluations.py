@@ -64,8 +64,8 @@ def _save(out_dir: str, record: dict) -> dict:
 # alters the diarization of a checkpoint, so cached records are redone.
 # 2: the speech detector's last chunk ends at the recording's end; pauses
 # under 0.3 s are filled in hypotheses. 3: each condition's difference from
-# clean with its paired-bootstrap interval.
-DIARIZATION_REVISION = 3
+# clean with its paired-bootstrap interval. 4: and per noise kind.
+DIARIZATION_REVISION = 4
 
 
 def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
@@ -102,7 +102,7 @@ def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
   # The same mixtures under noise / a room / a telephone channel, scored
   # against the same clean labels (RTTMs in out_dir/<condition>).
   by_condition = {"clean": diarization_eval.flat_metrics(results, "der")}
-  gaps = {}
+  gaps, kind_gaps = {}, {}
   for condition in conditions:
     if condition == "clean":
       continue
@@ -111,29 +111,41 @@ def diarization(runs: Sequence[StageRun], out_dir: str, variant: str
         out_dir=os.path.join(out_dir, condition), **settings)
     by_condition[condition] = diarization_eval.flat_metrics(r, "der")
     gaps[condition] = diarization_eval.der_difference(results, r)
+    kind_gaps[condition] = diarization_eval.der_difference_by_noise_kind(
+        results, r)
     _log.info("Diarization of %s, %s:\n%s", run.stage.name, condition,
               diarization_eval.format_report(r))
-  summary = [condition_summary(by_condition, gaps)]
+  summary = [condition_summary(by_condition, gaps, kind_gaps)]
   return _save(out_dir, dict(key=key, stage=run.stage.name, dir=out_dir,
                              results=results, conditions=by_condition,
-                             gaps=gaps,
+                             gaps=gaps, noise_kind_gaps=kind_gaps,
                              summary=summary if len(by_condition) > 1
                              else []))
 
 
-def condition_summary(by_condition: dict, gaps: dict) -> str:
+def condition_summary(by_condition: dict, gaps: dict,
+                      kind_gaps: dict | None = None) -> str:
   """One line: blind DER at collar 0 per condition, and each condition's
-  difference from clean with its interval (`der_difference`), in points."""
+  difference from clean with its interval (`der_difference`), in points;
+  for a noisy condition also per noise kind (`der_difference_by_noise_kind`),
+  since one kind can make the whole gap."""
+  def gap(g: dict) -> str:
+    g = {k: 100 * g[k] for k in ("difference", "low", "high")}
+    return f"{g['difference']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}]"
+
   cells = []
   for condition, metrics in by_condition.items():
     cell = f"{condition} {100 * metrics['der/blind_c0_der']:.1f}%"
     if condition in gaps:
-      g = {k: 100 * v for k, v in gaps[condition].items()}
-      cell += f" ({g['difference']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}])"
+      kinds = (kind_gaps or {}).get(condition) or {}
+      cell += f" ({gap(gaps[condition])}" + "".join(
+          f"; {kind} ({g['num_mixtures']}) {gap(g)}"
+          for kind, g in kinds.items()) + ")"
     cells.append(cell)
   return ("Blind DER at collar 0 by condition, same held-out mixtures (against"
           " clean: difference [95% paired-bootstrap interval over the"
-          " mixtures]): " + ", ".join(cells))
+          " mixtures]; under noise, also by the kind of noise (mixtures)): "
+          + ", ".join(cells))
 
 
 # Per variant: held-out mixtures of the stage's clip length (seconds each on
